@@ -1,0 +1,179 @@
+"""Loads a ChatGLM3 checkpoint into transformers' native `GlmForCausalLM`, shard by shard.
+
+ChatGLM3 and GLM are the same architecture under other names: this module maps the config and
+tensor names, and loads the official fp16 shards without the repository's remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import GlmConfig, GlmForCausalLM
+from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint does not match what the model needs; the message says what and where."""
+
+
+STOP_IDS = [2, 64795, 64797]  # eos, <|user|>, <|observation|>
+
+# ChatGLM3 options this mapping assumes; any other value means another architecture.
+REQUIRED_OPTIONS = {
+    "rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False, "original_rope": True,
+}
+
+
+def glm_config(cfg: dict) -> GlmConfig:
+    """The `GlmConfig` equivalent to a ChatGLM3 `config.json`."""
+    for key, want in REQUIRED_OPTIONS.items():
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"config.json: {key}={cfg[key]!r} is not supported (need {want!r})")
+    try:
+        heads = cfg["num_attention_heads"]
+        groups = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else heads
+        return GlmConfig(
+            vocab_size=cfg["padded_vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["ffn_hidden_size"],
+            num_hidden_layers=cfg["num_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=groups,
+            head_dim=cfg["kv_channels"],
+            rms_norm_eps=cfg["layernorm_epsilon"],
+            attention_bias=cfg.get("add_qkv_bias", True),
+            max_position_embeddings=cfg["seq_length"],
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0 * cfg.get("rope_ratio", 1),
+                "partial_rotary_factor": 0.5,
+            },
+            pad_token_id=cfg.get("pad_token_id", 0),
+            eos_token_id=STOP_IDS,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    except KeyError as e:
+        raise CheckpointError(f"config.json: missing {e.args[0]!r}") from None
+
+
+_LAYER = re.compile(r"transformer\.encoder\.layers\.(\d+)\.(.+)")
+_LAYER_NAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "self_attention.dense.weight": "self_attn.o_proj.weight",
+    "mlp.dense_h_to_4h.weight": "mlp.gate_up_proj.weight",
+    "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "transformer.encoder.final_layernorm.weight": "model.norm.weight",
+    "transformer.output_layer.weight": "lm_head.weight",
+}
+
+
+def map_tensor(name: str, tensor: torch.Tensor, config: GlmConfig) -> dict[str, torch.Tensor]:
+    """The GLM tensors for one ChatGLM3 tensor (the fused qkv becomes three)."""
+    if name in _TOP_NAMES:
+        return {_TOP_NAMES[name]: tensor}
+    if name.endswith("rotary_pos_emb.inv_freq"):
+        return {}  # recomputed in fp32 from the config
+    m = _LAYER.fullmatch(name)
+    if m is None:
+        raise CheckpointError(f"unexpected tensor {name!r}: not a ChatGLM3 weight")
+    prefix, rest = f"model.layers.{m[1]}.", m[2]
+    if rest in _LAYER_NAMES:
+        return {prefix + _LAYER_NAMES[rest]: tensor}
+    if rest in ("self_attention.query_key_value.weight", "self_attention.query_key_value.bias"):
+        kind = rest.rsplit(".", 1)[1]
+        q = config.num_attention_heads * config.head_dim
+        kv = config.num_key_value_heads * config.head_dim
+        if tensor.shape[0] != q + 2 * kv:
+            raise CheckpointError(
+                f"{name}: shape {tuple(tensor.shape)} does not match config.json "
+                f"({config.num_attention_heads} heads + 2×{config.num_key_value_heads} groups "
+                f"of {config.head_dim} = {q + 2 * kv} rows)"
+            )
+        parts = torch.split(tensor, [q, kv, kv])
+        return {f"{prefix}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", parts)}
+    raise CheckpointError(f"unexpected tensor {name!r}: not a ChatGLM3 weight")
+
+
+def shard_files(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint, from its index when sharded."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = model_dir / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [model_dir / n for n in names]
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+    raise CheckpointError(f"{model_dir}: no weights (no *.safetensors or pytorch_model*.bin index)")
+
+
+@contextmanager
+def _open_shard(path: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """A shard's tensors, memory-mapped so that only one shard is read at a time."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or corrupt file: say which one
+        raise CheckpointError(f"{path.name}: cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        yield tensors
+    finally:
+        tensors.clear()
+
+
+def load_model(
+    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+) -> GlmForCausalLM:
+    """Builds the model empty, then fills it one shard at a time on `device` in `dtype`."""
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    try:
+        raw_config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{model_dir / 'config.json'}: {e}") from None
+    config = glm_config(raw_config)
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    expected = dict(model.state_dict())
+    missing = set(expected)
+    for path in shard_files(model_dir):
+        with _open_shard(path) as shard:
+            converted: dict[str, torch.Tensor] = {}
+            for name in list(shard):
+                for new_name, tensor in map_tensor(name, shard.pop(name), config).items():
+                    want = expected.get(new_name)
+                    if want is None:
+                        raise CheckpointError(f"{path.name}: {name} has no place in the model")
+                    if tensor.shape != want.shape:
+                        raise CheckpointError(
+                            f"{path.name}: {name} has shape {tuple(tensor.shape)}, but config.json "
+                            f"implies {tuple(want.shape)}"
+                        )
+                    converted[new_name] = tensor.to(device=device, dtype=dtype, copy=True)
+            model.load_state_dict(converted, strict=False, assign=True)
+            missing -= converted.keys()
+            del converted
+    if missing:
+        raise CheckpointError(
+            f"{model_dir}: {len(missing)} tensors missing from the weights, e.g. {sorted(missing)[0]}"
+        )
+    # The rotary frequencies were built on the meta device: rebuild them in fp32 (never cast).
+    model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
+    model.eval().requires_grad_(False)
+    return model

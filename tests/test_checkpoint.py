@@ -1,0 +1,115 @@
+"""Native loading of the official checkpoint layout, checked against the official logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatglm3.checkpoint import CheckpointError, glm_config, load_model
+from conftest import GOLDEN, TINY_CKPT, convert_to_safetensors
+
+REF_LOGITS = load_file(GOLDEN / "reference_logits.safetensors")
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def last_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
+
+
+@pytest.mark.parametrize("name", ["short_chat", "medium_chat", "long_chat"])
+def test_fp32_logits_match_official(tiny_model_fp32, reference: dict, name: str) -> None:
+    prompt = next(p for p in reference["prompts"] if p["name"] == name)
+    with torch.inference_mode():
+        logits = tiny_model_fp32(torch.tensor([prompt["input_ids"]])).logits[0]
+    assert rel_l2(logits[-1], REF_LOGITS[f"{name}.last"]) < 1e-4
+    for key in prompt["extra_position_logits"]["keys"]:
+        pos = int(key.rsplit(".pos", 1)[1])
+        assert rel_l2(logits[pos], REF_LOGITS[key]) < 1e-4, key
+
+
+def test_config_mapping() -> None:
+    cfg = glm_config(json.loads((TINY_CKPT / "config.json").read_text()))
+    assert cfg.rope_parameters["rope_theta"] == 10000 * 50
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.5
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.vocab_size) == (64, 2, 65024)
+    assert cfg.max_position_embeddings == 32768 and cfg.attention_bias
+
+
+def test_rotary_frequencies_stay_fp32() -> None:
+    model = load_model(TINY_CKPT, "cpu", torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert not any(p.device.type == "meta" for p in model.parameters())
+
+
+def test_bf16_close_to_fp32(reference: dict) -> None:
+    model = load_model(TINY_CKPT, "cpu", torch.bfloat16)
+    prompt = reference["prompts"][1]
+    assert rel_l2(last_logits(model, prompt["input_ids"]), REF_LOGITS["medium_chat.last"]) < 0.02
+
+
+def test_safetensors_layout_loads_identically(tmp_path: Path, tiny_model_fp32, reference) -> None:
+    st_dir = convert_to_safetensors(TINY_CKPT, tmp_path / "st")
+    assert not list(st_dir.glob("*.bin"))
+    model = load_model(st_dir, "cpu", torch.float32)
+    ids = reference["prompts"][1]["input_ids"]
+    assert torch.equal(last_logits(model, ids), last_logits(tiny_model_fp32, ids))
+
+
+def _copy_ckpt(tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(TINY_CKPT, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def test_config_not_matching_tensors(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["hidden_size"] = 512
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape .* config\.json"):
+        load_model(ckpt, "cpu", torch.float32)
+
+
+def test_config_with_more_layers_than_tensors(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["num_layers"] = 3
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(ckpt, "cpu", torch.float32)
+
+
+def test_unsupported_architecture_option(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["rmsnorm"] = False
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rmsnorm"):
+        load_model(ckpt, "cpu", torch.float32)
+
+
+def test_truncated_shard_names_the_file(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    shard = ckpt / "pytorch_model-00002-of-00002.bin"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin"):
+        load_model(ckpt, "cpu", torch.float32)
+
+
+def test_missing_config(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(ckpt, "cpu", torch.float32)
