@@ -1,0 +1,350 @@
+"""The generation engine: chat messages in, a stream of text deltas and a final record out."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .checkpoint import load_model
+from .kv_rows import KVRows
+from .params import SamplingParams
+from .sampling import Sampler
+from .streaming import IncrementalDetokenizer, StopMatcher
+from .tokenizer import ChatGLMTokenizer, Message
+
+PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
+DEFAULT_MAX_BATCH = 8
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the context window; carries both counts."""
+
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        self.prompt_tokens, self.context = prompt_tokens, context
+        super().__init__(
+            f"prompt too long: the prompt is {prompt_tokens} tokens, but the model's context is "
+            f"{context} tokens and needs room for at least one generated token "
+            f"(shorten the prompt or history by {prompt_tokens - context + 1} tokens)"
+        )
+
+
+@dataclass
+class GenerationResult:
+    """What a finished (or cancelled) generation did."""
+
+    text: str = ""
+    input_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # stop_token | stop_sequence | max_tokens | cancelled
+    input_token_count: int = 0
+    output_token_count: int = 0
+    time_to_first_token: float = 0.0
+    tokens_per_second: float = 0.0
+    max_tokens: int = 0  # the limit applied, after cutting to the room left in the context
+    max_tokens_cut: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda was asked for, but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """fp16 on GPU as the checkpoint is stored; bf16 on CPU (fp16 matmuls are slow there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
+    return names[dtype]
+
+
+class _Request:
+    """One request's state, owned by the engine's worker thread once submitted."""
+
+    def __init__(self, prompt: list[int], sampler: Sampler, result: GenerationResult,
+                 tokenizer: ChatGLMTokenizer, device: torch.device) -> None:
+        self.prompt, self.sampler, self.result = prompt, sampler, result
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(sampler.params.stop)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()  # str deltas, then _END or an error
+        self.cancelled = threading.Event()
+        self.pieces: list[str] = []
+        self.submitted = time.perf_counter()
+        self.first = self.last = self.submitted
+        # All ids so far, preallocated: the repetition penalty reads it without regrowing it.
+        self.ids = torch.empty(1, len(prompt) + result.max_tokens, dtype=torch.long, device=device)
+        self.ids[0, : len(prompt)] = torch.tensor(prompt)
+        self.n = len(prompt)
+        self.prefill_cache: DynamicCache | None = None
+        self.prefilled = 0
+        self.first_token: torch.Tensor | None = None
+
+    def emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            self.out.put(text)
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        r = self.result
+        if not r.stop_reason:
+            r.stop_reason = reason
+        r.text = "".join(self.pieces)
+        r.output_token_count = len(r.output_ids)
+        decoded = r.output_token_count - 1
+        span = self.last - self.first
+        r.tokens_per_second = decoded / span if decoded > 0 and span > 0 else 0.0
+        self.prefill_cache = None
+        self.out.put(error if error is not None else _END)
+
+
+_END = object()
+
+
+class Generation:
+    """One request's stream: iterate (or async-iterate) for text deltas; `result` when done."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+        self.result = request.result
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._request.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # a consumer that walks away stops the computation too
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    item = self._request.out.get_nowait()
+                except queue.Empty:
+                    item = await loop.run_in_executor(None, self._request.out.get)
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stops this request's forward passes before its next step (from any thread)."""
+        self._request.cancelled.set()
+
+    def text(self) -> str:
+        """Runs to the end and returns the whole text."""
+        return "".join(self)
+
+
+class Engine:
+    """Runs ChatGLM3 generations on one model; concurrent requests share each decoding step.
+
+    A worker thread owns the model. Each step it runs one prefill chunk of a waiting request (so
+    a long prompt does not stall the others) and one decoding step for every running request.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: ChatGLMTokenizer,
+                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context = model.config.max_position_embeddings
+        self.max_batch = max_batch
+        cfg = model.config
+        self._kv = KVRows(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                          self.device, next(model.parameters()).dtype)
+        self._incoming: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._wake = threading.Condition()
+        self._pending = 0
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str = "auto",
+                        dtype: str | torch.dtype = "auto", **kwargs) -> "Engine":
+        dev = resolve_device(device)
+        model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+        return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenizer.build_chat_input(messages)
+
+    def generate(self, messages: Sequence[Message] | list[int],
+                 params: SamplingParams | None = None) -> Generation:
+        """Validates the request now (raising PromptTooLong / SettingsError) and queues it."""
+        params = params or SamplingParams()
+        params.validate()
+        ids = list(messages) if messages and isinstance(messages[0], int) else self.encode(messages)
+        if len(ids) >= self.context:
+            raise PromptTooLong(len(ids), self.context)
+        room = self.context - len(ids)
+        result = GenerationResult(input_ids=ids, input_token_count=len(ids),
+                                  max_tokens=min(params.max_tokens, room),
+                                  max_tokens_cut=params.max_tokens > room)
+        sampler = Sampler(params, self.device)
+        result.seed = sampler.seed
+        request = _Request(ids, sampler, result, self.tokenizer, self.device)
+        self._start_worker()
+        with self._wake:
+            self._incoming.put(request)
+            self._pending += 1
+            self._wake.notify()
+        return Generation(request)
+
+    def close(self) -> None:
+        """Stops the worker thread (requests still running end as cancelled)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._worker is not None:
+            self._worker.join()
+
+    def _start_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._serve, name="chatglm3-engine",
+                                            daemon=True)
+            self._worker.start()
+
+    # ---- the worker thread ----
+
+    def _serve(self) -> None:
+        prefilling: _Request | None = None
+        running: list[_Request] = []
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._pending or prefilling or running or self._closed):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    if prefilling is None and self._pending and len(running) < self.max_batch:
+                        prefilling = self._incoming.get()
+                        self._pending -= 1
+                if prefilling is not None:
+                    r = prefilling
+                    try:
+                        if r.cancelled.is_set():
+                            prefilling = None
+                            r.finish("cancelled")
+                        elif self._prefill_step(r):
+                            prefilling = None
+                            if not self._accept(r, int(r.first_token)):
+                                self._admit(r, running)
+                    except Exception as e:  # noqa: BLE001 - reported to the request, serving goes on
+                        prefilling = None
+                        r.finish("error", e)
+                if running:
+                    try:
+                        self._decode_step(running)
+                    except Exception as e:  # noqa: BLE001
+                        for r in running:
+                            r.finish("error", e)
+                        running.clear()
+        for r in running + ([prefilling] if prefilling else []):
+            r.finish("cancelled")
+
+    def _prefill_step(self, r: _Request) -> bool:
+        """Runs one chunk of r's prompt; True when the prompt is done and r.first_token chosen."""
+        if r.prefill_cache is None:
+            r.prefill_cache = DynamicCache(config=self.model.config)
+        begin = r.prefilled
+        chunk = r.ids[:, begin : min(begin + PREFILL_CHUNK, len(r.prompt))]
+        positions = torch.arange(begin, begin + chunk.shape[1], device=self.device)[None]
+        out = self.model(input_ids=chunk, cache=r.prefill_cache, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        r.prefilled += chunk.shape[1]
+        if r.prefilled < len(r.prompt):
+            return False
+        r.first_token = r.sampler(r.ids[:, : r.n], out.logits[:, -1])
+        return True
+
+    def _admit(self, r: _Request, running: list[_Request]) -> None:
+        """Moves a prefilled request into the next free row of the shared cache."""
+        row = len(running)
+        self._kv.reserve(row + 1, r.n)
+        self._kv.store_prefill(row, r.prefill_cache)
+        r.prefill_cache = None
+        running.append(r)
+
+    def _decode_step(self, running: list[_Request]) -> None:
+        for i in reversed(range(len(running))):
+            if running[i].cancelled.is_set():
+                self._remove(running, i).finish("cancelled")
+        if not running:
+            return
+        tokens = torch.stack([r.ids[0, r.n - 1] for r in running])[:, None]
+        positions = torch.tensor([r.n - 1 for r in running], device=self.device)
+        self._kv.reserve(len(running), int(positions.max()) + 1)
+        mask = self._kv.prepare_step(positions)
+        logits = self.model(input_ids=tokens, position_ids=positions[:, None],
+                            attention_mask=mask, cache=self._kv, logits_to_keep=1).logits[:, -1]
+        picked = torch.stack([r.sampler(r.ids[:, : r.n], logits[i : i + 1])
+                              for i, r in enumerate(running)]).tolist()
+        for i in reversed(range(len(running))):
+            if self._accept(running[i], picked[i]):
+                self._remove(running, i)
+
+    def _remove(self, running: list[_Request], i: int) -> _Request:
+        """Takes row i out; the last row moves into its place so the rows stay contiguous."""
+        gone, last = running[i], running[-1]
+        if last is not gone:
+            self._kv.move_row(len(running) - 1, i, last.n - 1)
+            running[i] = last
+        running.pop()
+        return gone
+
+    def _accept(self, r: _Request, token: int) -> bool:
+        """Takes r's next token; True when r has finished (its stream is then closed)."""
+        result = r.result
+        r.last = time.perf_counter()
+        if not result.output_ids and not result.time_to_first_token:
+            r.first = r.last
+            result.time_to_first_token = r.first - r.submitted
+        if token in self.tokenizer.stop_ids:
+            return self._end(r, "stop_token")
+        result.output_ids.append(token)
+        r.ids[0, r.n] = token
+        r.n += 1
+        r.emit(r.stops.push(r.detok.push(token)))
+        if r.stops.stopped:
+            r.finish("stop_sequence")
+            return True
+        if len(result.output_ids) >= result.max_tokens:
+            return self._end(r, "max_tokens")
+        return False
+
+    @staticmethod
+    def _end(r: _Request, reason: str) -> bool:
+        """Releases the text held back for UTF-8 or stop matching, then closes the stream."""
+        tail = r.stops.push(r.detok.flush())
+        r.emit(tail if r.stops.stopped else tail + r.stops.flush())
+        r.finish("stop_sequence" if r.stops.stopped else reason)
+        return True

@@ -1,0 +1,102 @@
+"""`python -m chatglm3` as a person uses it: real subprocesses on the shared tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_CKPT
+
+TINY = ["--weights", str(TINY_CKPT), "--dtype", "float32"]
+# No network: a fetch attempt would fail fast instead of reaching out.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatglm3", *args], input=stdin, env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_generate_json_greedy_equals_official(reference: dict) -> None:
+    prompt = reference["prompts"][0]
+    assert prompt["query"] == "你好" and prompt["history"] == []
+    out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "24",
+              "--json")
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["input_ids"] == prompt["input_ids"]
+    assert record["output_ids"] == prompt["greedy_generate"]["new_ids"]
+    assert record["stop_reason"] == "max_tokens"
+    for key in ("text", "input_token_count", "output_token_count", "time_to_first_token",
+                "tokens_per_second"):
+        assert key in record
+    assert record["output_token_count"] == 24 and record["input_token_count"] == 8
+
+
+def test_generate_streams_the_same_text_and_stops(reference: dict) -> None:
+    ids = reference["prompts"][0]["greedy_generate"]["new_ids"]
+    out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "24")
+    assert out.returncode == 0, out.stderr
+    from chatglm3.tokenizer import ChatGLMTokenizer
+
+    full = ChatGLMTokenizer.from_dir(TINY_CKPT).decode(ids)
+    assert out.stdout == full + "\n"
+    stop = full[6:9]
+    stopped = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens",
+                  "24", "--stop", "never-there", stop, "--json")
+    assert json.loads(stopped.stdout)["text"] == full[: full.index(stop)]
+
+
+def test_encode(reference: dict) -> None:
+    case = reference["chat_inputs"][2]
+    out = cli("encode", *TINY, "--prompt", case["query"], "--history",
+              json.dumps(case["history"]))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == case["input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["generate", "--prompt", "x", "--temperature", "hot"], "--temperature"),
+        (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens"),
+        (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+        (["generate", "--prompt", "x", "--history", "[{\"role\": \"bot\"}]"], "history[0].role"),
+        (["generate"], "--prompt"),
+        (["generate", "--prompt", "x", "--device", "tpu"], "--device"),
+        (["fly"], "fly"),
+        (["generate", "--prompt", "x", "--weights", "/no/such/dir"], "/no/such/dir"),
+    ],
+)
+def test_bad_arguments_one_line_error(args: list[str], fragment: str) -> None:
+    if "--weights" not in args and args[0] == "generate":
+        args = args + TINY
+    out = cli(*args)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert fragment in lines[0] and "Traceback" not in out.stderr
+
+
+def test_chat_keeps_history_clear_and_stop() -> None:
+    session = "你好\nTell me more\nclear\nhello again\nstop\nnever read\n"
+    out = cli("chat", *TINY, "--max-tokens", "6", "--seed", "7", "--stats", stdin=session)
+    assert out.returncode == 0, out.stderr
+    stats = [json_line for json_line in out.stdout.splitlines() if "prompt tokens" in json_line]
+    counts = [int(line.split()[0].strip("(")) for line in stats]
+    assert len(counts) == 3  # 'stop' ended the session before the last line
+    assert counts[0] == 8  # [gMASK] sop <|user|> \n 你好 <|assistant|>
+    assert counts[1] > counts[0] + 6  # the first turn and its answer are in the history
+    assert counts[2] < counts[1]  # 'clear' emptied the history
+    assert "(history cleared)" in out.stdout
+    assert out.stdout.count("ChatGLM: ") == 3
+
+
+def test_chat_ends_on_end_of_input() -> None:
+    out = cli("chat", *TINY, "--max-tokens", "3", stdin="hi\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("ChatGLM: ") == 1

@@ -1,0 +1,238 @@
+"""The generation engine on the shared tiny checkpoint: exactness, sampling, stops, limits, cancel."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from chatglm3.engine import Engine, PromptTooLong
+from chatglm3.messages import build_messages
+from chatglm3.params import SamplingParams, SettingsError
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_fp32, tokenizer):
+    engine = Engine(tiny_model_fp32, tokenizer)
+    yield engine
+    engine.close()
+
+
+class ForwardCounter:
+    """Counts the model's forward passes (a forward hook on the top module)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls = 0
+        self.seen_first = threading.Event()
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.calls += 1
+        self.seen_first.set()
+
+    def __enter__(self) -> "ForwardCounter":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_greedy_equals_official_generate(engine: Engine, reference: dict, index: int) -> None:
+    prompt = reference["prompts"][index]
+    expected = prompt["greedy_generate"]["new_ids"]
+    gen = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=len(expected), **GREEDY))
+    text = gen.text()
+    assert gen.result.output_ids == expected
+    assert text == engine.tokenizer.decode(expected)
+    assert gen.result.stop_reason == "max_tokens"
+
+
+def test_greedy_chat_transcripts(engine: Engine, reference: dict) -> None:
+    """The official chat() runs, including one that ends on <|observation|>."""
+    cases = reference["chat"]["cases"]
+    assert any(c["ended_on_stop_id"] for c in cases)
+    for case in cases:
+        messages = build_messages(case["query"], history=case["history"])
+        raw = case["raw_generated_ids"]
+        budget = case["max_length"] - case["prompt_len"]
+        gen = engine.generate(messages, SamplingParams(max_tokens=budget, **GREEDY))
+        text = gen.text()
+        assert gen.result.input_ids == case["prompt_ids"]
+        if case["ended_on_stop_id"]:
+            assert raw[-1] in engine.tokenizer.stop_ids
+            assert gen.result.output_ids == raw[:-1]
+            assert gen.result.stop_reason == "stop_token"
+            assert text == case["chat_response"]  # chat() drops exactly the stop token here
+        else:
+            assert gen.result.output_ids == raw
+            assert gen.result.stop_reason == "max_tokens"
+            assert text.startswith(case["chat_response"])
+
+
+def test_seeded_sampling_repeats(engine: Engine) -> None:
+    messages = build_messages("Tell me a story")
+    def run(seed: int) -> list[int]:
+        gen = engine.generate(messages, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95,
+                                                       top_k=50, seed=seed))
+        gen.text()
+        assert gen.result.seed == seed
+        return gen.result.output_ids
+    a, b, c = run(1234), run(1234), run(99)
+    assert a == b and len(a) == 16
+    assert a != c
+
+
+def test_unseeded_sampling_reports_seed_that_reproduces(engine: Engine) -> None:
+    messages = build_messages("hello")
+    params = SamplingParams(max_tokens=8, temperature=1.5, top_p=1.0)
+    first = engine.generate(messages, params)
+    first.text()
+    again = engine.generate(messages, SamplingParams(max_tokens=8, temperature=1.5, top_p=1.0,
+                                                     seed=first.result.seed))
+    again.text()
+    assert again.result.output_ids == first.result.output_ids
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(engine: Engine) -> None:
+    messages = build_messages("hello")
+    outs = []
+    for seed in (1, 2):
+        gen = engine.generate(messages, SamplingParams(max_tokens=8, temperature=0, seed=seed))
+        gen.text()
+        outs.append(gen.result.output_ids)
+    assert outs[0] == outs[1]
+
+
+def test_repetition_penalty_reaches_the_logits(engine: Engine, reference: dict) -> None:
+    """A penalty below 1 multiplies the (positive) logits of seen tokens: greedy then only
+    repeats; the plain greedy continuation of this prompt repeats nothing."""
+    ids = reference["prompts"][0]["input_ids"]
+    plain = engine.generate(ids, SamplingParams(max_tokens=12, **GREEDY))
+    plain.text()
+    assert not set(plain.result.output_ids) & set(ids)
+    repeating = engine.generate(ids, SamplingParams(max_tokens=12, repetition_penalty=0.02,
+                                                    **GREEDY))
+    repeating.text()
+    assert repeating.result.output_ids != plain.result.output_ids
+    assert set(repeating.result.output_ids) <= set(ids) - engine.tokenizer.stop_ids
+
+
+def test_stop_token_is_never_text(engine: Engine, reference: dict) -> None:
+    """Any stop id ends the stream without text; here a copy of the tokenizer treats a token the
+    model is known to produce at step 6 as a stop id."""
+    prompt = reference["prompts"][0]
+    expected = prompt["greedy_generate"]["new_ids"]
+    tok = copy.copy(engine.tokenizer)
+    tok.stop_ids = engine.tokenizer.stop_ids | {expected[6]}
+    other = Engine(engine.model, tok)
+    gen = other.generate(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+    text = gen.text()
+    other.close()
+    assert gen.result.output_ids == expected[:6]
+    assert gen.result.stop_reason == "stop_token"
+    assert text == tok.decode(expected[:6])
+
+
+def test_stop_sequence_split_across_tokens(engine: Engine, reference: dict) -> None:
+    prompt = reference["prompts"][0]
+    ids = prompt["greedy_generate"]["new_ids"]
+    tok = engine.tokenizer
+    full = tok.decode(ids)
+    boundary = len(tok.decode(ids[:5]))  # a token boundary inside the text
+    stop = full[boundary - 2 : boundary + 2]
+    assert len(stop) == 4
+    gen = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=24, stop=["zzzz", stop],
+                                                              **GREEDY))
+    deltas = list(gen)
+    assert "".join(deltas) == full[: full.index(stop)]
+    assert gen.result.stop_reason == "stop_sequence"
+    assert len(gen.result.output_ids) < 24
+
+
+def test_prompt_too_long_names_both_counts(engine: Engine) -> None:
+    ids = [64790, 64792] + [30910] * 32766
+    with pytest.raises(PromptTooLong) as info:
+        engine.generate(ids, SamplingParams(max_tokens=1))
+    assert info.value.prompt_tokens == 32768 and info.value.context == 32768
+    assert "32768" in str(info.value) and "prompt" in str(info.value)
+
+
+def test_max_tokens_cut_to_fit(engine: Engine, tokenizer) -> None:
+    small = Engine(engine.model, tokenizer)
+    small.context = 40  # the same mechanism as 32,768, without a 32k prefill in a unit test
+    messages = build_messages("hello there")
+    n = len(tokenizer.build_chat_input(messages))
+    gen = small.generate(messages, SamplingParams(max_tokens=1000, **GREEDY))
+    gen.text()
+    assert gen.result.max_tokens == 40 - n and gen.result.max_tokens_cut
+    assert gen.result.output_token_count == 40 - n
+    assert gen.result.stop_reason == "max_tokens"
+    with pytest.raises(PromptTooLong):
+        small.generate(list(range(40)), SamplingParams())
+    small.close()
+
+
+def test_bad_settings_name_the_field(engine: Engine) -> None:
+    for field, value in [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
+                         ("top_k", -3), ("repetition_penalty", 0.0), ("seed", -1)]:
+        with pytest.raises(SettingsError, match=field):
+            engine.generate(build_messages("x"), SamplingParams(**{field: value}))
+
+
+def test_cancel_from_another_thread_stops_within_one_step(engine: Engine) -> None:
+    gen = engine.generate(build_messages("go on"), SamplingParams(max_tokens=500, **GREEDY))
+    with ForwardCounter(engine.model) as counter:
+        received = 0
+        for _ in gen:
+            received += 1
+            if received == 3:
+                canceller = threading.Thread(target=gen.cancel)
+                canceller.start()
+                canceller.join()
+                calls_at_cancel = counter.calls
+    assert counter.calls - calls_at_cancel <= 1
+    assert gen.result.stop_reason == "cancelled"
+    assert gen.result.output_token_count < 500
+    after = engine.generate(build_messages("again"), SamplingParams(max_tokens=4, **GREEDY))
+    after.text()
+    assert after.result.output_token_count == 4 and after.result.stop_reason == "max_tokens"
+
+
+def test_cancel_during_long_prefill(engine: Engine, tokenizer) -> None:
+    ids = tokenizer.build_chat_input(build_messages("长文本 long text " * 2200))
+    assert len(ids) > 8000
+    gen = engine.generate(ids, SamplingParams(max_tokens=5, **GREEDY))
+    with ForwardCounter(engine.model) as counter:
+        def cancel_after_first_chunk() -> None:
+            counter.seen_first.wait(60)
+            gen.cancel()
+        t = threading.Thread(target=cancel_after_first_chunk)
+        t.start()
+        assert list(gen) == []
+        t.join()
+    assert counter.calls <= 2  # the prompt needs more than 4 chunks; at most one ran after cancel
+    assert gen.result.stop_reason == "cancelled" and gen.result.output_ids == []
+
+
+def test_metrics(engine: Engine) -> None:
+    gen = engine.generate(build_messages("hi"), SamplingParams(max_tokens=6, **GREEDY))
+    gen.text()
+    r = gen.result
+    assert r.input_token_count == len(r.input_ids) == len(engine.encode(build_messages("hi")))
+    assert r.output_token_count == len(r.output_ids) == 6
+    assert 0 < r.time_to_first_token < 60 and r.tokens_per_second > 0
+
+
+def test_sixteen_thousand_token_prompt(engine: Engine, tokenizer) -> None:
+    text = "The quick brown fox 跳过了懒狗 🦊. " * 1200
+    ids = tokenizer.build_chat_input(build_messages(text))
+    ids = ids[:16000] + ids[-1:]
+    assert len(ids) >= 16000
+    gen = engine.generate(ids, SamplingParams(max_tokens=3, **GREEDY))
+    gen.text()
+    assert gen.result.output_token_count == 3 and gen.result.input_token_count == len(ids)
