@@ -1,0 +1,389 @@
+"""chatglm3.download against a fake hub on 127.0.0.1 (tests/fakehub.py), with injected faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from chatglm3 import download
+from chatglm3.download import (DEFAULT_REPO, DEFAULT_REVISION, WeightsError, resolve_weights,
+                               verify_checkpoint_files)
+from conftest import TINY_CKPT, convert_to_safetensors
+from fakehub import FakeHub, Fault
+
+SHARD1 = "pytorch_model-00001-of-00002.bin"
+SHARD2 = "pytorch_model-00002-of-00002.bin"
+REMOTE_CODE = b"raise SystemExit('remote code must never run')\n"
+
+
+@pytest.fixture(scope="module")
+def st_ckpt(tmp_path_factory) -> Path:
+    """The tiny checkpoint in the sharded safetensors layout."""
+    return convert_to_safetensors(TINY_CKPT, tmp_path_factory.mktemp("st"))
+
+
+@pytest.fixture(scope="module")
+def hub(st_ckpt, tmp_path_factory):
+    bins = {p.name: p for p in TINY_CKPT.iterdir()}
+    sts = {p.name: p for p in st_ckpt.iterdir()}
+    with FakeHub() as h:
+        h.add_repo("test/tiny", {**bins, "modeling_chatglm.py": REMOTE_CODE})
+        h.add_repo(DEFAULT_REPO, {**bins, "modeling_chatglm.py": REMOTE_CODE}, commit=DEFAULT_REVISION)
+        h.add_repo("test/tiny-st", {**sts, "modeling_chatglm.py": REMOTE_CODE})
+        h.add_repo("test/both", {**bins, **sts})
+        h.add_repo("test/readme-only", {"README.md": b"# nothing\n"})
+        h.static["ckpt.tar.gz"] = _tar(TINY_CKPT, "gz", top="chatglm3-6b-32k")
+        h.static["flat.tar"] = _tar(TINY_CKPT, "", top=".")
+        yield h
+
+
+@pytest.fixture(autouse=True)
+def _env(request, monkeypatch, tmp_path):
+    """Each test: HF_ENDPOINT at the fake hub (set after huggingface_hub's import), its own HF
+    cache, no token/offline/CHATGLM3_* from outside, no back-off waits, a clean request log."""
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                "CHATGLM3_REVISION", "CHATGLM3_WEIGHTS_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    # huggingface_hub fetches an "agent harness" list from its import-time endpoint once per
+    # process (user-agent telemetry); give it an empty one so no test ever reaches for the internet.
+    monkeypatch.setattr("huggingface_hub.utils._detect_agent._registry",
+                        {"standardEnvVars": [], "harnesses": {}}, raising=False)
+    monkeypatch.setattr(download, "_RETRY_WAIT_S", 0.0)
+    if "hub" in request.fixturenames:
+        h = request.getfixturevalue("hub")
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        h.reset()
+
+
+def _tar(src: Path, compression: str, top: str) -> bytes:
+    buf = io.BytesIO()
+    options = {"compresslevel": 1} if compression else {}
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}", **options) as t:
+        t.add(src, arcname=top)
+    return buf.getvalue()
+
+
+def assert_same_files(got: Path, want: Path) -> None:
+    names = sorted(p.name for p in want.iterdir())
+    assert sorted(p.name for p in got.iterdir() if not p.name.startswith(".")) == names
+    for n in names:
+        assert (got / n).read_bytes() == (want / n).read_bytes(), n
+
+
+def linked_copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    """`dst` with a symlink to each file of `src` (cheap stand-in for a copy), except `skip`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.name not in skip:
+            (dst / p.name).symlink_to(p)
+    return dst
+
+
+# --- hub ----------------------------------------------------------------------------------------
+
+def test_hub_download_is_exact_and_never_fetches_python(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")  # read at call time
+    out = resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert out == (tmp_path / "w").resolve()
+    assert_same_files(out, TINY_CKPT)
+    assert not list(out.rglob("*.py"))
+    assert not hub.seen(match=".py")
+    sent = hub.seen(match="test/tiny")
+    assert sent and all(r.headers.get("authorization") == "Bearer hf_secret" for r in sent)
+
+    hub.reset()  # pinned to the commit it got: answered from dest alone
+    commit = hub.repos["test/tiny"].commit
+    assert resolve_weights(f"test/tiny@{commit}", dest=tmp_path / "w", progress=False) == out
+    assert hub.requests == []
+    # A branch may have moved: one look at the hub, no file fetched again.
+    assert resolve_weights("test/tiny", dest=tmp_path / "w", progress=False) == out
+    assert [r.path for r in hub.requests] == ["/api/models/test/tiny/revision/main"]
+
+
+def test_default_source_then_no_network(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATGLM3_WEIGHTS_DIR", str(tmp_path / "w"))
+    out = resolve_weights()  # progress bar on
+    assert out == (tmp_path / "w").resolve()
+    assert_same_files(out, TINY_CKPT)
+    assert hub.seen(match=f"/{DEFAULT_REPO}/resolve/{DEFAULT_REVISION}/")
+
+    hub.reset()
+    assert resolve_weights() == out
+    assert resolve_weights("") == out
+    assert resolve_weights(DEFAULT_REPO) == out  # the default repo defaults to the pinned revision
+    assert hub.requests == []
+
+
+def test_default_source_accepts_a_checkpoint_placed_by_hand(hub, tmp_path):
+    dest = linked_copy(TINY_CKPT, tmp_path / "w")
+    assert resolve_weights(None, dest=dest, progress=False) == dest.resolve()
+    assert hub.requests == []
+
+
+def test_revision_override_from_env(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATGLM3_REVISION", "v9")
+    with pytest.raises(WeightsError, match=f"{DEFAULT_REPO}@v9: revision not found"):
+        resolve_weights(dest=tmp_path / "w", progress=False)
+
+
+def test_dropped_connection_is_resumed(hub, tmp_path):
+    hub.faults.append(Fault("drop", SHARD2))
+    out = resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert_same_files(out, TINY_CKPT)
+    gets = hub.seen("GET", SHARD2)
+    assert len(gets) == 2 and gets[1].headers.get("range", "").startswith("bytes=")
+
+
+@pytest.mark.parametrize("match,times", [(SHARD1, 1), (SHARD1, 2), ("/api/models/test/tiny/revision", 2)])
+def test_http_500_is_retried(hub, tmp_path, match, times):
+    hub.faults.append(Fault("500", match, times=times))
+    out = resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert_same_files(out, TINY_CKPT)
+    assert len(hub.seen("GET", match)) == times + 1
+
+
+def test_http_500_forever_is_a_clear_error(hub, tmp_path):
+    hub.faults.append(Fault("500", SHARD1, times=-1))
+    with pytest.raises(WeightsError, match=r"test/tiny@main: download from .* failed after 4 tries: HTTP 500 "):
+        resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert len(hub.seen("GET", SHARD1)) == download._ATTEMPTS
+    assert not (tmp_path / "w" / SHARD1).exists()
+    assert not [p for p in (tmp_path / "w").rglob("*") if p.name.endswith(".incomplete")]
+
+
+def test_truncated_file_is_fetched_again(hub, tmp_path):
+    hub.faults.append(Fault("truncate", SHARD2, times=1))
+    out = resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert_same_files(out, TINY_CKPT)
+    assert len(hub.seen("GET", SHARD2)) == 2
+
+
+def test_always_truncated_file_is_named(hub, tmp_path):
+    hub.faults.append(Fault("truncate", SHARD2, times=-1))
+    size = (TINY_CKPT / SHARD2).stat().st_size
+    with pytest.raises(WeightsError, match=rf"{SHARD2}: {size // 2} bytes, but the hub has {size}"):
+        resolve_weights("test/tiny", dest=tmp_path / "w", progress=False)
+    assert len(hub.seen("GET", SHARD2)) == 2
+
+
+def test_local_truncation_is_repaired_from_the_hub(hub, tmp_path):
+    dest = tmp_path / "w"
+    resolve_weights("test/tiny", dest=dest, progress=False)
+    with open(dest / SHARD1, "r+b") as f:
+        f.truncate(1000)
+    # What a killed run leaves: an abandoned partial file, and one another run is still writing.
+    partials = dest / ".cache" / "huggingface" / "download"
+    (partials / "abc.dead.incomplete").write_bytes(b"x" * 100)
+    os.utime(partials / "abc.dead.incomplete", (1, 1))
+    (partials / "abc.live.incomplete").write_bytes(b"x" * 100)
+    hub.reset()
+    assert_same_files(resolve_weights("test/tiny", dest=dest, progress=False), TINY_CKPT)
+    assert len(hub.seen("GET", SHARD1)) == 1
+    assert sorted(p.name for p in partials.glob("*.incomplete")) == ["abc.live.incomplete"]
+
+
+@pytest.mark.parametrize("source,message", [
+    ("nobody/nothing", "nobody/nothing@main: repository not found on http"),
+    ("test/tiny@v9", "test/tiny@v9: revision not found on http"),
+    ("test/readme-only", "test/readme-only@main: not a ChatGLM3 checkpoint repo"),
+])
+def test_missing_repo_or_revision(hub, tmp_path, source, message):
+    with pytest.raises(WeightsError, match=message):
+        resolve_weights(source, dest=tmp_path / "w", progress=False)
+
+
+def test_safetensors_repo(hub, tmp_path, st_ckpt):
+    out = resolve_weights("test/tiny-st", dest=tmp_path / "w", progress=False)
+    assert_same_files(out, st_ckpt)
+
+
+def test_repo_with_both_formats_fetches_only_safetensors(hub, tmp_path, st_ckpt):
+    out = resolve_weights("test/both", dest=tmp_path / "w", progress=False)
+    assert_same_files(out, st_ckpt)
+    assert not hub.seen(match=".bin")
+
+
+def test_offline(hub, tmp_path, monkeypatch):
+    resolve_weights("test/tiny", dest=tmp_path / "full", progress=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # after huggingface_hub's import: read at call time
+    hub.reset()
+    full = resolve_weights("test/tiny", dest=tmp_path / "full", progress=False)
+    assert full == (tmp_path / "full").resolve()
+    with pytest.raises(WeightsError, match=r"test/tiny@main: offline \(HF_HUB_OFFLINE is set\)"):
+        resolve_weights("test/tiny", dest=tmp_path / "empty", progress=False)
+    assert hub.requests == []
+
+
+# --- local folders ------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """HF_ENDPOINT at a closed port, HF_HUB_OFFLINE=1, and any outgoing connection an error."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network used")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_local_dir_is_used_in_place(no_network):
+    assert resolve_weights(str(TINY_CKPT)) == TINY_CKPT.resolve()
+    assert resolve_weights(TINY_CKPT) == TINY_CKPT.resolve()  # os.PathLike, e.g. cog.Path
+    verify_checkpoint_files(TINY_CKPT)
+
+
+def test_local_safetensors_dir(no_network, st_ckpt):
+    assert resolve_weights(st_ckpt) == st_ckpt.resolve()
+
+
+def _cut(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    path.unlink()  # a symlink from linked_copy: replace it, never touch the original
+    path.write_bytes(data[:keep])
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated bin", rf"{SHARD2}: truncated or not a torch zip checkpoint"),
+    ("missing shard", rf"{SHARD1}: missing \(named in the index\)"),
+    ("broken config", r"config.json: unreadable JSON"),
+    ("empty tokenizer", r"tokenizer.model: empty"),
+    ("no weights", r"no weights"),
+    ("bad index", r"pytorch_model.bin.index.json: unreadable index"),
+    ("truncated safetensors",
+     r"model-00002-of-00002.safetensors: 5000 bytes, but its header describes \d+ \(truncated\)"),
+    ("index names a tensor the shard lacks", r"model-00001-of-00002.safetensors: lacks 1 tensors"),
+])
+def test_local_dir_problems_are_named(no_network, tmp_path, st_ckpt, case, message):
+    d = linked_copy(st_ckpt if "safetensors" in case or "lacks" in case else TINY_CKPT, tmp_path / "c")
+    if case == "truncated bin":
+        _cut(d / SHARD2, (d / SHARD2).stat().st_size - 100)
+    elif case == "missing shard":
+        (d / SHARD1).unlink()
+    elif case == "broken config":
+        _rewrite(d / "config.json", b'{"num_layers": ')
+    elif case == "empty tokenizer":
+        _rewrite(d / "tokenizer.model", b"")
+    elif case == "no weights":
+        for p in d.glob("pytorch_model*"):
+            p.unlink()
+    elif case == "bad index":
+        _rewrite(d / "pytorch_model.bin.index.json", b'{"metadata": {}}')
+    elif case == "truncated safetensors":
+        _cut(d / "model-00002-of-00002.safetensors", 5000)
+    else:
+        index = json.loads((d / "model.safetensors.index.json").read_text())
+        index["weight_map"]["transformer.no_such.weight"] = "model-00001-of-00002.safetensors"
+        _rewrite(d / "model.safetensors.index.json", json.dumps(index).encode())
+    with pytest.raises(WeightsError, match=message):
+        resolve_weights(d)
+    with pytest.raises(WeightsError, match=message):
+        verify_checkpoint_files(d)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_unsharded_checkpoints(no_network, tmp_path, name):
+    d = linked_copy(TINY_CKPT, tmp_path / "c", skip=(SHARD1, SHARD2, "pytorch_model.bin.index.json"))
+    tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 4)}
+    if name.endswith(".safetensors"):
+        save_file(tensors, d / name)
+    else:
+        torch.save(tensors, d / name)
+    verify_checkpoint_files(d)
+    _cut(d / name, (d / name).stat().st_size - 10)
+    with pytest.raises(WeightsError, match=name):
+        verify_checkpoint_files(d)
+
+
+# --- tar archives -------------------------------------------------------------------------------
+
+def test_tar_url_with_a_top_folder(hub, tmp_path):
+    url = f"{hub.url}/static/ckpt.tar.gz"
+    out = resolve_weights(url, dest=tmp_path / "w", progress=False)
+    assert out == (tmp_path / "w").resolve()
+    assert_same_files(out, TINY_CKPT)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [".chatglm3-source"]
+    hub.reset()
+    assert resolve_weights(url, dest=tmp_path / "w", progress=False) == out
+    assert hub.requests == []
+
+
+def test_tar_url_given_as_a_path_and_dropped_once(hub, tmp_path):
+    hub.faults.append(Fault("drop", "flat.tar"))
+    # cog.Path / pathlib turn "http://host/x" into "http:/host/x"
+    out = resolve_weights(Path(f"{hub.url}/static/flat.tar"), dest=tmp_path / "w", progress=False)
+    assert_same_files(out, TINY_CKPT)
+    assert len(hub.seen("GET", "flat.tar")) == 2
+
+
+def test_local_tar_file(tmp_path, no_network):
+    (tmp_path / "ckpt.tar").write_bytes(_tar(TINY_CKPT, "", top="x"))
+    assert_same_files(resolve_weights(tmp_path / "ckpt.tar", dest=tmp_path / "w"), TINY_CKPT)
+
+
+def _evil_tar(kind: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo({"dotdot": "../evil.txt", "absolute": "/tmp/evil.txt"}.get(kind, "evil"))
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        elif kind == "hardlink":
+            info.type, info.linkname = tarfile.LNKTYPE, "../outside"
+        elif kind == "fifo":
+            info.type = tarfile.FIFOTYPE
+        info.size = 5 if info.isreg() else 0
+        t.addfile(info, io.BytesIO(b"pwned") if info.isreg() else None)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "fifo"])
+def test_unsafe_tar_is_rejected(hub, tmp_path, kind):
+    hub.static[f"evil-{kind}.tar"] = _evil_tar(kind)
+    dest = tmp_path / "a" / "w"
+    with pytest.raises(WeightsError, match="unsafe archive member"):
+        resolve_weights(f"{hub.url}/static/evil-{kind}.tar", dest=dest, progress=False)
+    assert list(dest.iterdir()) == []
+    assert not (tmp_path / "a" / "evil.txt").exists()
+
+
+def test_tar_url_errors(hub, tmp_path):
+    with pytest.raises(WeightsError, match="missing.tar: HTTP 404"):
+        resolve_weights(f"{hub.url}/static/missing.tar", dest=tmp_path / "w", progress=False)
+    hub.static["junk.tar"] = b"not a tar at all" * 100
+    with pytest.raises(WeightsError, match="junk.tar: not a readable tar archive"):
+        resolve_weights(f"{hub.url}/static/junk.tar", dest=tmp_path / "w", progress=False)
+    hub.static["half.tar"] = _tar(TINY_CKPT, "", top=".")[:-10 * 1024 - 1024 * 512]
+    with pytest.raises(WeightsError, match="half.tar"):
+        resolve_weights(f"{hub.url}/static/half.tar", dest=tmp_path / "w", progress=False)
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source,kwargs,message", [
+    ("./no/such/dir", {}, "no such directory"),
+    ("not a repo", {}, "no such directory"),
+    ("a/b@x", {"revision": "y"}, "revision given twice"),
+])
+def test_bad_sources(no_network, source, kwargs, message):
+    with pytest.raises(WeightsError, match=message):
+        resolve_weights(source, **kwargs)
