@@ -92,3 +92,29 @@ if __name__ == "__main__":
     ap.add_argument("--shards", type=int, default=7)
     args = ap.parse_args()
     print(write_checkpoint(args.out, shards=args.shards, num_layers=args.layers))
+
+
+def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 **sizes: int):
+    """A GlmForCausalLM of the given sizes with random weights, built straight on `device`
+    (no checkpoint on disk), rotary frequencies in fp32 as `load_model` leaves them."""
+    from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+    from chatglm3.checkpoint import glm_config
+    from transformers import GlmForCausalLM
+
+    config = glm_config(chatglm_config(**sizes))
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = GlmForCausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                scale = 1.0 if "embed_tokens" in name else 0.02
+                p.normal_(0.0, scale, generator=g)
+    model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
+    return model.eval().requires_grad_(False)

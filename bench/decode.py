@@ -1,0 +1,106 @@
+"""Decode benchmarks on a memory-bound model (real width and vocabulary, few layers, random).
+
+1. Engine overhead: tokens/s of the full streaming path (engine thread, sampling, detokenizer,
+   stop matcher, queue) against a bare loop of forward passes with the same cache.
+2. Batch scaling: aggregate tokens/s with 1, 2, 4, 8 concurrent greedy streams.
+Usage: python bench/decode.py [--layers 2] [--tokens 32] [--dtype bfloat16] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+from chatglm3.engine import Engine  # noqa: E402
+from chatglm3.kv_rows import KVRows  # noqa: E402
+from chatglm3.params import SamplingParams  # noqa: E402
+from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from synthetic import TOKENIZER, random_model  # noqa: E402
+
+PROMPT = "Write a long story about a fox who learns to fly. 讲一个长故事。"
+
+
+def bare_loop(model, prompt: list[int], tokens: int) -> float:
+    """Tokens/s of greedy decoding with nothing but forward passes and argmax."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    kv = KVRows(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, device,
+                next(model.parameters()).dtype, capacity=len(prompt) + tokens + 1)
+    with torch.inference_mode():
+        for pos, tok in enumerate(prompt):  # fill the cache one token at a time (untimed)
+            mask = kv.prepare_step(torch.tensor([pos], device=device))
+            out = model(input_ids=torch.tensor([[tok]], device=device), attention_mask=mask,
+                        position_ids=torch.tensor([[pos]], device=device), cache=kv,
+                        logits_to_keep=1)
+        token = out.logits[0, -1].argmax()
+        start = time.perf_counter()
+        for pos in range(len(prompt), len(prompt) + tokens):
+            mask = kv.prepare_step(torch.tensor([pos], device=device))
+            out = model(input_ids=token.view(1, 1), attention_mask=mask,
+                        position_ids=torch.tensor([[pos]], device=device), cache=kv,
+                        logits_to_keep=1)
+            token = out.logits[0, -1].argmax()
+            int(token)  # the engine needs each token on the host too
+        return tokens / (time.perf_counter() - start)
+
+
+def engine_streams(engine: Engine, streams: int, tokens: int) -> tuple[float, float]:
+    """`streams` concurrent greedy generations: (aggregate decode tokens/s, the sum of the
+    streams' own first-to-last-token rates; wall-clock tokens/s, prefills included)."""
+    prompt = engine.tokenizer.build_chat_input([]) + engine.tokenizer.encode_text(PROMPT)
+    start = time.perf_counter()
+    gens = [engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0))
+            for _ in range(streams)]
+    threads = [threading.Thread(target=g.text) for g in gens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    assert all(g.result.output_token_count == tokens for g in gens)
+    return sum(g.result.tokens_per_second for g in gens), streams * tokens / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    model = random_model(args.device, dtype, num_layers=args.layers)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokenizer = ChatGLMTokenizer(TOKENIZER)
+    engine = Engine(model, tokenizer, max_batch=max(args.streams))
+    prompt = tokenizer.build_chat_input([]) + tokenizer.encode_text(PROMPT)
+    print(f"model: {args.layers} layers, width 4096, vocab 65024, {args.dtype} on "
+          f"{args.device}, {params / 2**30:.2f} GiB of weights; {args.tokens} tokens/stream")
+    engine_streams(engine, 1, 4)  # warm-up
+    bare = bare_loop(model, prompt, args.tokens)
+    single, _ = engine_streams(engine, 1, args.tokens)
+    print("\n1. engine overhead (decode, batch 1)")
+    print(f"{'path':<28}{'tokens/s':>10}{'vs bare':>10}")
+    print(f"{'bare forward loop':<28}{bare:>10.2f}{1.0:>10.3f}")
+    print(f"{'engine streaming path':<28}{single:>10.2f}{single / bare:>10.3f}")
+    print("\n2. batch scaling (aggregate decode tokens/s; wall clock incl. prefills)")
+    print(f"{'streams':<10}{'tokens/s':>10}{'vs 1 stream':>13}{'wall tok/s':>12}")
+    base = None
+    for n in args.streams:
+        rate, wall = engine_streams(engine, n, args.tokens)
+        base = base or rate
+        print(f"{n:<10}{rate:>10.2f}{rate / base:>13.2f}{wall:>12.2f}")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

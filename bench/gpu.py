@@ -1,0 +1,101 @@
+"""GPU benchmark, ready for one call on a lent GPU (no download: random full-size weights).
+
+Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and prints:
+batch-1 decode tokens/s (bare forward loop and the engine's streaming path) and the share of
+the memory-bandwidth floor reached, aggregate decode tokens/s at 8 and 32 streams, and time
+to first token at 1k, 8k and 32k prompt tokens.
+Usage (device machine): python bench/gpu.py [--layers 28] [--tokens 128]
+Smoke test here: python bench/gpu.py --device cpu --dtype bfloat16 --layers 1 --tokens 4
+    --streams 2 --ttft 256 --bandwidth 20e9
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import torch  # noqa: E402
+
+from chatglm3.engine import Engine  # noqa: E402
+from chatglm3.params import SamplingParams  # noqa: E402
+from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from decode import PROMPT, bare_loop, engine_streams  # noqa: E402
+from synthetic import TOKENIZER, random_model  # noqa: E402
+
+# Peak memory bandwidth (bytes/s) by device name, from the vendors' data sheets.
+BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12,
+             "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
+             "A100": 1.94e12, "A40": 0.696e12, "L40S": 0.864e12, "A10G": 0.6e12}
+
+
+def peak_bandwidth(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    for key, value in BANDWIDTH.items():
+        if key in name:
+            return name, value
+    return name, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per stream")
+    ap.add_argument("--streams", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--ttft", type=int, nargs="+", default=[1024, 8192, 32000])
+    ap.add_argument("--bandwidth", type=float, default=None, help="peak bytes/s override")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model = random_model(args.device, getattr(torch, args.dtype), num_layers=args.layers)
+    built = time.perf_counter() - t0
+    tokenizer = ChatGLMTokenizer(TOKENIZER)
+    engine = Engine(model, tokenizer, max_batch=max(args.streams + [1]))
+    name, bandwidth = peak_bandwidth(device)
+    bandwidth = args.bandwidth or bandwidth
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    # A decode step reads every weight except the embedding table (one row of it).
+    step_bytes = weights - model.model.embed_tokens.weight.numel() * 2
+    print(f"device: {name}; {args.layers} layers, {args.dtype}, {weights / 2**30:.2f} GiB of "
+          f"weights, built in {built:.1f} s")
+
+    prompt = tokenizer.build_chat_input([]) + tokenizer.encode_text(PROMPT)
+    engine_streams(engine, 1, 8)  # warm-up
+    bare = bare_loop(model, prompt, args.tokens)
+    single, _ = engine_streams(engine, 1, args.tokens)
+    print(f"\n{'batch-1 decode':<26}{'tokens/s':>10}{'ms/token':>10}{'of floor':>10}")
+    for label, rate in (("bare forward loop", bare), ("engine streaming path", single)):
+        share = f"{rate * step_bytes / bandwidth:.0%}" if bandwidth else "n/a"
+        print(f"{label:<26}{rate:>10.1f}{1000 / rate:>10.2f}{share:>10}")
+    if bandwidth:
+        print(f"(floor: {step_bytes / 2**30:.2f} GiB per step at {bandwidth / 1e12:.2f} TB/s = "
+              f"{bandwidth / step_bytes:.1f} tokens/s)")
+
+    print(f"\n{'streams':<10}{'decode tok/s':>14}{'wall tok/s':>12}")
+    for n in args.streams:
+        rate, wall = engine_streams(engine, n, args.tokens)
+        print(f"{n:<10}{rate:>14.1f}{wall:>12.1f}")
+
+    print(f"\n{'prompt tokens':<15}{'TTFT s':>8}{'prefill tok/s':>15}")
+    filler = tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * 4000)
+    for n in args.ttft:
+        ids = (prompt[:-1] + filler * (n // len(filler) + 1))[: n - 1] + prompt[-1:]
+        gen = engine.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+        gen.text()
+        ttft = gen.result.time_to_first_token
+        print(f"{n:<15}{ttft:>8.2f}{n / ttft:>15.0f}")
+    if device.type == "cuda":
+        print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
