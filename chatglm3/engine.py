@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -226,12 +227,16 @@ class Engine:
             self._wake.notify()
         if self._worker is not None:
             self._worker.join()
+            atexit.unregister(self.close)
 
     def _start_worker(self) -> None:
         if self._worker is None:
             self._worker = threading.Thread(target=self._serve, name="chatglm3-engine",
                                             daemon=True)
             self._worker.start()
+            # A daemon thread frozen inside a torch call at interpreter exit aborts the
+            # process ("terminate called without an active exception"): stop it first.
+            atexit.register(self.close)
 
     # ---- the worker thread ----
 
