@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -97,11 +98,14 @@ class _Request:
         self.prefill_cache: DynamicCache | None = None
         self.prefilled = 0
         self.first_token: torch.Tensor | None = None
+        self.wake: Callable[[], None] | None = None  # set by an asyncio consumer
 
     def emit(self, text: str) -> None:
         if text:
             self.pieces.append(text)
             self.out.put(text)
+            if self.wake is not None:
+                self.wake()
 
     def finish(self, reason: str, error: BaseException | None = None) -> None:
         r = self.result
@@ -114,6 +118,8 @@ class _Request:
         r.tokens_per_second = decoded / span if decoded > 0 and span > 0 else 0.0
         self.prefill_cache = None
         self.out.put(error if error is not None else _END)
+        if self.wake is not None:
+            self.wake()
 
 
 _END = object()
@@ -139,15 +145,18 @@ class Generation:
             self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        import asyncio
-
+        """Async iteration: the worker wakes this event loop; no thread waits per stream."""
         loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._request.wake = lambda: loop.call_soon_threadsafe(ready.set)
         try:
             while True:
+                ready.clear()
                 try:
                     item = self._request.out.get_nowait()
                 except queue.Empty:
-                    item = await loop.run_in_executor(None, self._request.out.get)
+                    await ready.wait()
+                    continue
                 if item is _END:
                     return
                 if isinstance(item, BaseException):

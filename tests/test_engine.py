@@ -236,3 +236,51 @@ def test_sixteen_thousand_token_prompt(engine: Engine, tokenizer) -> None:
     gen = engine.generate(ids, SamplingParams(max_tokens=3, **GREEDY))
     gen.text()
     assert gen.result.output_token_count == 3 and gen.result.input_token_count == len(ids)
+
+
+def test_async_iteration_of_concurrent_requests(engine: Engine, reference: dict) -> None:
+    """Several requests consumed from one event loop: each equals its run alone."""
+    import asyncio
+
+    prompts = [p["input_ids"] for p in reference["prompts"][:2]] * 3
+    alone = []
+    for ids in prompts[:2]:
+        gen = engine.generate(ids, SamplingParams(max_tokens=10, **GREEDY))
+        alone.append(gen.text())
+
+    async def consume(ids: list[int]) -> str:
+        gen = engine.generate(ids, SamplingParams(max_tokens=10, **GREEDY))
+        return "".join([delta async for delta in gen])
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(consume(ids) for ids in prompts))
+
+    assert asyncio.run(main()) == alone * 3
+
+
+def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, reference: dict):
+    """Requests of different prompt lengths decode in one batch, joining and leaving it at
+    different times, and each still gives the official greedy continuation."""
+    prompts = reference["prompts"]
+    gens = [engine.generate(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
+            for p, n in zip(prompts, (24, 12, 18))]
+    results = [None] * len(gens)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, gens[i].text()))
+               for i in range(len(gens))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for gen, p, n in zip(gens, prompts, (24, 12, 18)):
+        assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
+
+
+def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dict) -> None:
+    prompt = reference["prompts"][0]
+    keep = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+    drop = engine.generate(build_messages("stop me"), SamplingParams(max_tokens=2000, **GREEDY))
+    it = iter(drop)
+    next(it)
+    drop.cancel()
+    assert keep.text() == engine.tokenizer.decode(prompt["greedy_generate"]["new_ids"])
+    assert list(it) is not None and drop.result.stop_reason == "cancelled"
