@@ -1,0 +1,464 @@
+"""The Cog model end to end: the real coglet server running predict.py on the tiny checkpoint.
+
+One server per module (`python -m cog.server.http`, as the image runs it) on a free loopback
+port, with 8 slots; every request goes over HTTP. The tiny checkpoint is random, so its text is
+gibberish, but greedy text must equal the official implementation's exactly (the references
+were made in float32 on CPU, hence CHATGLM3_DTYPE=float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from chatglm3.messages import build_messages
+
+from conftest import ROOT, TINY_CKPT
+
+PY = Path(sys.executable)
+CONTEXT = 32768
+SLOTS = 8
+GREEDY = {"temperature": 0}
+# A long run to cancel. The random tiny model samples one of its stop tokens every ~1000 steps,
+# so this is a seed checked to run past 2000 tokens (the tests cancel it within ~100).
+LONG = {"prompt": "Tell me a very long story.", "max_tokens": 30000, "seed": 14,
+        "temperature": 1.0, "top_p": 1.0}
+
+
+# ---- HTTP helpers (stdlib only) ----
+
+def _call(method: str, url: str, body=None, headers=None, timeout: float = 120):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw) if raw else None
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def _create(method: str, url: str, body, headers=None, retry_s: float = 2.0):
+    """Starts a prediction. coglet may answer 409 'At capacity' for a few ms after a slot's
+    previous prediction has already answered; retry that briefly, nothing else."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        code, resp = _call(method, url, body, headers)
+        if code != 409 or time.monotonic() > deadline:
+            return code, resp
+        time.sleep(0.02)
+
+
+def _sse(url: str, inputs: dict, method: str = "POST", timeout: float = 120, retry_s: float = 2.0):
+    """Yields (arrival time, event name, data) for each server-sent event, as it arrives."""
+    req = urllib.request.Request(url, data=json.dumps({"input": inputs}).encode(), method=method,
+                                 headers={"Content-Type": "application/json",
+                                          "Accept": "text/event-stream"})
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            resp = urllib.request.urlopen(req, timeout=timeout)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    with resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        event, data = None, []
+        for raw in resp:  # http.client undoes the chunking; lines come as they arrive
+            line = raw.decode().rstrip("\r\n")
+            if not line:
+                if data:
+                    yield time.monotonic(), event, json.loads("\n".join(data))
+                event, data = None, []
+            elif line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+
+
+class Server:
+    def __init__(self, base: str, log_path: Path) -> None:
+        self.base, self.log_path = base, log_path
+
+    def predict(self, **inputs) -> dict:
+        """A synchronous prediction; the response body (status succeeded or failed)."""
+        code, body = _create("POST", self.base + "/predictions", {"input": inputs})
+        assert code == 200, (code, body)
+        return body
+
+    def text(self, **inputs) -> str:
+        body = self.predict(**inputs)
+        assert body["status"] == "succeeded", body
+        return "".join(body["output"])
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.update(
+        # coglet starts its worker as plain `python` from PATH: the venv must come first, or the
+        # worker cannot import coglet and the server stays STARTING forever.
+        PATH=f"{PY.parent}{os.pathsep}{env.get('PATH', '')}",
+        PORT=str(port),
+        COG_PREDICT_TYPE_STUB="predict.py:Predictor",  # relative to cwd, like .cog/openapi_schema.json
+        COG_WEIGHTS=str(TINY_CKPT),
+        COG_MAX_CONCURRENCY=str(SLOTS),
+        HF_HUB_OFFLINE="1",
+        CHATGLM3_DEVICE="cpu",
+        CHATGLM3_DTYPE="float32",
+    )
+    log_path = tmp_path_factory.mktemp("cog") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(PY), "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    srv = Server(f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                _, health = _call("GET", srv.base + "/health-check", timeout=2)
+                if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT"):
+                    break
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.05)
+        assert health and health["status"] == "READY", f"{health}\n{srv.log_tail()}"
+        srv.health = health
+        yield srv
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+# ---- expectations from the official implementation ----
+
+def _prompt_case(reference: dict, index: int) -> tuple[dict, list[int]]:
+    p = reference["prompts"][index]
+    inputs = {"prompt": p["query"], **GREEDY, "max_tokens": len(p["greedy_generate"]["new_ids"])}
+    if p["history"]:
+        inputs["history"] = json.dumps(p["history"], ensure_ascii=False)
+    return inputs, p["greedy_generate"]["new_ids"]
+
+
+def _chat_case(reference: dict, name: str) -> tuple[dict, dict]:
+    case = next(c for c in reference["chat"]["cases"] if c["name"] == name)
+    inputs = {"prompt": case["query"], **GREEDY, "max_tokens": case["max_length"] - case["prompt_len"]}
+    if case["history"]:
+        inputs["history"] = json.dumps(case["history"], ensure_ascii=False)
+    return inputs, case
+
+
+@pytest.fixture(scope="module")
+def nihao(reference, tokenizer) -> tuple[dict, str]:
+    """Greedy '你好', 24 tokens, and the official text."""
+    inputs, ids = _prompt_case(reference, 0)
+    assert inputs["prompt"] == "你好" and inputs["max_tokens"] == 24
+    return inputs, tokenizer.decode(ids)
+
+
+# ---- tests ----
+
+def test_ready_and_schema_served(server: Server) -> None:
+    assert server.health["setup"]["status"] == "succeeded"
+    code, schema = _call("GET", server.base + "/openapi.json")
+    assert code == 200
+    assert schema == json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert schema["paths"]["/predictions"]["post"]["x-cog-streaming"] is True
+    log = server.log_path.read_text()
+    assert f"batch {SLOTS}" in log and "(torch.float32)" in log  # setup's own line
+
+
+def test_greedy_equals_official_and_metrics(server: Server, nihao) -> None:
+    inputs, expected = nihao
+    body = server.predict(**inputs)
+    assert body["status"] == "succeeded", body
+    assert "".join(body["output"]) == expected
+    m = body["metrics"]
+    assert m["input_token_count"] == 8 and m["output_token_count"] == 24
+    assert 0 < m["time_to_first_token"] < m["predict_time"]
+    assert m["tokens_per_second"] > 0
+    assert "stop_reason=max_tokens" in body["logs"]
+
+
+def test_top_p_zero_is_greedy(server: Server, nihao) -> None:
+    inputs, expected = nihao
+    assert server.text(**{**inputs, "temperature": 0.8, "top_p": 0}) == expected
+
+
+def test_sse_streams_token_by_token(server: Server, nihao) -> None:
+    inputs, expected = nihao
+    events = list(_sse(server.base + "/predictions", inputs))
+    kinds = [ev for _, ev, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "completed"
+    outputs = [data for _, ev, data in events if ev == "output"]
+    assert len(outputs) >= 12  # one delta per token (UTF-8 pieces may merge a few)
+    assert [o["index"] for o in outputs] == list(range(len(outputs)))
+    assert "".join(o["chunk"] for o in outputs) == expected
+    final = events[-1][2]
+    assert final["status"] == "succeeded" and "".join(final["output"]) == expected
+    # live, not collected and sent at the end: the deltas arrive spread over the generation
+    t_start, t_done = events[0][0], events[-1][0]
+    arrivals = [t for t, ev, _ in events if ev == "output"]
+    assert arrivals[-1] - arrivals[0] > 0.5 * (t_done - t_start), (arrivals, t_start, t_done)
+    metrics = {d["name"] for _, ev, d in events if ev == "metric"}
+    assert {"input_token_count", "output_token_count", "time_to_first_token",
+            "tokens_per_second"} <= metrics
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 40000}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "temperature": 5.5}, "temperature"),
+    ({"prompt": "x", "top_p": 2}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"max_tokens": 3}, "prompt"),                       # missing
+    ({"prompt": 5}, "prompt"),                           # wrong types: no coercion
+    ({"prompt": "x", "max_tokens": "3"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "history": [["q", "a"]]}, "history"),  # history is JSON *text*
+    ({"prompt": "x", "seed": None}, "seed"),             # leave optional inputs out, not null
+])
+def test_bad_inputs_are_422(server: Server, inputs: dict, field: str) -> None:
+    code, body = _create("POST", server.base + "/predictions", {"input": inputs})
+    assert code == 422, body
+    assert ["body", "input", field] in [d["loc"] for d in body["detail"]], body
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"history": "[{"}, "history: not valid JSON"),
+    ({"history": '{"role": "user"}'}, "history: expected a JSON list"),
+    ({"history": '[{"role": "user"}]'}, "history[0]: missing content"),
+    ({"history": '[{"role": "robot", "content": "x"}]'}, "history[0].role"),
+    ({"history": '[["only a question"]]'}, "history[0]"),
+    ({"history": '[{"role": "system", "content": "a"}]', "system_prompt": "b"}, "system_prompt"),
+])
+def test_malformed_history_fails_naming_it(server: Server, extra: dict, named: str) -> None:
+    body = server.predict(prompt="hi", max_tokens=2, **extra)
+    assert body["status"] == "failed", body
+    assert "ValueError: " + named in body["error"], body["error"]
+
+
+def test_settings_error_fails_with_its_message(server: Server) -> None:
+    # 2**63 passes the schema (its bound is a float there) but not the engine
+    body = server.predict(prompt="hi", max_tokens=2, seed=2**63)
+    assert body["status"] == "failed"
+    assert "ValueError: seed: must be an integer between 0 and 2**63-1" in body["error"], body
+
+
+def test_prompt_over_context_fails_with_both_counts(server: Server, tokenizer) -> None:
+    prompt = "x " * 33000  # 66 kB of JSON is accepted; it is the token count that is too big
+    n = len(tokenizer.build_chat_input(build_messages(prompt)))
+    assert n > CONTEXT
+    body = server.predict(prompt=prompt, max_tokens=8)
+    assert body["status"] == "failed", body
+    assert "prompt too long" in body["error"]
+    assert f"{n} tokens" in body["error"] and f"{CONTEXT} tokens" in body["error"], body["error"]
+
+
+def test_max_tokens_cut_to_the_context_is_logged(server: Server, tokenizer) -> None:
+    """A prompt 8 tokens short of the context: the answer gets what is left, and a log line says so.
+    (The slowest test here: a ~32k-token prefill takes ~15 s on 2 CPU cores.)"""
+    prompt = "x " * 32750
+    n = len(tokenizer.build_chat_input(build_messages(prompt)))
+    room = CONTEXT - n
+    assert 1 <= room < 50
+    body = server.predict(prompt=prompt, max_tokens=50, **GREEDY)
+    assert body["status"] == "succeeded", body
+    assert f"max_tokens cut from 50 to {room}: the prompt is {n} tokens" in body["logs"]
+    assert body["metrics"]["input_token_count"] == n
+    assert body["metrics"]["output_token_count"] <= room
+
+
+def test_stop_sequences(server: Server, nihao) -> None:
+    inputs, full = nihao
+    cut = full.index(" encryption")
+    assert cut > 0
+    # the first item has an escaped comma (one stop string "no,such"), the second one matches
+    body = server.predict(**inputs, stop_sequences="no\\,such, encryption")
+    assert body["status"] == "succeeded"
+    assert "".join(body["output"]) == full[:cut]
+    assert "stop_reason=stop_sequence" in body["logs"]
+
+
+def test_stop_sequence_parsing() -> None:
+    from predict import parse_stop_sequences
+
+    assert parse_stop_sequences("") == []
+    assert parse_stop_sequences("a,b") == ["a", "b"]
+    assert parse_stop_sequences("a, b,") == ["a", " b"]  # spaces are kept, empty items dropped
+    assert parse_stop_sequences("a\\,b,c") == ["a,b", "c"]
+    assert parse_stop_sequences("\\n\\nUser:,\\t") == ["\n\nUser:", "\t"]
+    assert parse_stop_sequences("a\\\\,b") == ["a\\", "b"]
+    assert parse_stop_sequences("C:\\path") == ["C:\\path"]  # other backslashes stay
+    assert parse_stop_sequences("line\nbreak") == ["line\nbreak"]  # a real newline too
+
+
+def test_seeded_sampling_repeats(server: Server) -> None:
+    inputs = {"prompt": "Tell me a story", "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+    a = server.predict(**inputs, seed=1234)
+    b = server.predict(**inputs, seed=1234)
+    c = server.predict(**inputs, seed=4321)
+    assert a["status"] == b["status"] == c["status"] == "succeeded"
+    assert a["output"] == b["output"] != c["output"]
+    assert "seed=1234" in a["logs"]
+    drawn = server.predict(**inputs)  # no seed: a random one, logged so the run can be repeated
+    seed = int(drawn["logs"].split("seed=")[1].split()[0])
+    assert server.predict(**inputs, seed=seed)["output"] == drawn["output"]
+
+
+def test_history_forms_and_system_prompt(server: Server, reference) -> None:
+    inputs, case = _chat_case(reference, "with_history_three_turn")
+    as_messages = server.text(**inputs)
+    assert as_messages.startswith(case["chat_response"])
+    system, *turns = case["history"]
+    pairs = [[turns[i]["content"], turns[i + 1]["content"]] for i in range(0, len(turns), 2)]
+    as_pairs = server.text(**{**inputs, "system_prompt": system["content"],
+                              "history": json.dumps(pairs, ensure_ascii=False)})
+    assert as_pairs == as_messages
+
+
+def _expected_runs(reference, tokenizer) -> list[tuple[dict, str]]:
+    """Greedy requests of different lengths and their official texts."""
+    runs = []
+    for index in (0, 1, 2):  # 8, 337 and 6118 prompt tokens
+        inputs, ids = _prompt_case(reference, index)
+        runs.append((inputs, tokenizer.decode(ids)))
+    inputs, case = _chat_case(reference, "ends_on_stop_id")
+    assert case["ended_on_stop_id"]
+    runs.append((inputs, case["chat_response"]))
+    return runs
+
+
+def _run_at_once(fn, args: list) -> list:
+    """fn(arg) for every arg in its own thread, all released together; results in order."""
+    barrier = threading.Barrier(len(args))
+    results: list = [None] * len(args)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = fn(args[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results
+
+
+def test_concurrent_clients_get_what_they_get_alone(server: Server, reference, tokenizer) -> None:
+    runs = _expected_runs(reference, tokenizer)
+    alone = [server.text(**inputs) for inputs, _ in runs]
+    assert alone == [text for _, text in runs]
+    together = _run_at_once(lambda inputs: server.predict(**inputs), [inputs for inputs, _ in runs])
+    assert all(b["status"] == "succeeded" for b in together), together
+    assert ["".join(b["output"]) for b in together] == alone
+
+
+def _watch(url: str, inputs: dict, events: list, first_output: threading.Event) -> threading.Thread:
+    def run() -> None:
+        for item in _sse(url, inputs):
+            events.append(item)
+            if item[1] == "output":
+                first_output.set()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_cancel_ends_a_long_prediction_promptly(server: Server, nihao) -> None:
+    events: list = []
+    streaming = threading.Event()
+    watcher = _watch(server.base + "/predictions", LONG, events, streaming)
+    assert streaming.wait(60), server.log_tail()
+    pid = events[0][2]["id"]
+    t_cancel = time.monotonic()
+    code, _ = _call("POST", f"{server.base}/predictions/{pid}/cancel")
+    assert code == 200, events[-3:]
+    watcher.join(15)
+    assert not watcher.is_alive()
+    t_done, ev, final = events[-1]
+    assert ev == "completed" and final["status"] == "canceled", final
+    assert t_done - t_cancel < 2.0
+    assert "cancelled after" in final["logs"]  # the predictor saw it and stopped the engine
+    assert len(final["output"]) < 1000  # stopped within a few steps, far from its 30000
+    assert _call("POST", f"{server.base}/predictions/{pid}/cancel")[0] == 404  # gone
+    inputs, expected = nihao
+    assert server.text(**inputs) == expected  # the next one is served, and right
+
+
+def test_cancelling_one_of_several_leaves_the_others_intact(server: Server, reference,
+                                                            tokenizer) -> None:
+    runs = _expected_runs(reference, tokenizer)
+    long_events: list = []
+    streaming = threading.Event()
+    long_watcher = _watch(server.base + "/predictions", LONG, long_events, streaming)
+    assert streaming.wait(60), server.log_tail()
+
+    others = [([], threading.Event()) for _ in runs]
+    watchers = [_watch(server.base + "/predictions", inputs, events, started)
+                for (inputs, _), (events, started) in zip(runs, others)]
+    for _, started in others[:1]:  # the shortest prompt is decoding alongside the long one
+        assert started.wait(60)
+    pid = long_events[0][2]["id"]
+    assert _call("POST", f"{server.base}/predictions/{pid}/cancel")[0] == 200
+    long_watcher.join(15)
+    for w in watchers:
+        w.join(120)
+    assert not long_watcher.is_alive() and not any(w.is_alive() for w in watchers)
+    assert long_events[-1][2]["status"] == "canceled"
+    for (inputs, expected), (events, _) in zip(runs, others):
+        final = events[-1][2]
+        assert events[-1][1] == "completed" and final["status"] == "succeeded", final
+        assert "".join(final["output"]) == expected, inputs["prompt"][:40]
+
+
+def test_no_slot_leaks(server: Server, nihao) -> None:
+    """After all of the above (cancels and failures included) every slot is free again."""
+    code, health = _call("GET", server.base + "/health-check")
+    assert code == 200 and health["status"] == "READY"
+    inputs, expected = nihao
+    results = _run_at_once(lambda i: server.text(**inputs), list(range(SLOTS)))
+    assert results == [expected] * SLOTS
