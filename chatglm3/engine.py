@@ -292,8 +292,11 @@ class Engine:
         begin = r.prefilled
         chunk = r.ids[:, begin : min(begin + PREFILL_CHUNK, len(r.prompt))]
         positions = torch.arange(begin, begin + chunk.shape[1], device=self.device)[None]
+        # The last position as an index tensor, not logits_to_keep=1: that slice keeps the
+        # chunk's strides, and matmul then copies the whole lm_head weight (seconds on CPU).
+        last = torch.tensor([chunk.shape[1] - 1], device=self.device)
         out = self.model(input_ids=chunk, cache=r.prefill_cache, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=last)
         r.prefilled += chunk.shape[1]
         if r.prefilled < len(r.prompt):
             return False
