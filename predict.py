@@ -161,6 +161,7 @@ class Predictor(BaseRunner):
             device=os.environ.get("CHATGLM3_DEVICE", "auto"),
             dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
             max_batch=max_batch,
+            decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
         )
         t2 = time.perf_counter()
         warm = self.engine.generate(build_messages("你好"), SamplingParams(max_tokens=2, temperature=0.0))

@@ -36,14 +36,14 @@ def bare_loop(model, prompt: list[int], tokens: int) -> float:
                 next(model.parameters()).dtype, capacity=len(prompt) + tokens + 1)
     with torch.inference_mode():
         for pos, tok in enumerate(prompt):  # fill the cache one token at a time (untimed)
-            mask = kv.prepare_step(torch.tensor([pos], device=device))
+            mask = kv.prepare_step(torch.tensor([pos], device=device), read_len=pos + 1)
             out = model(input_ids=torch.tensor([[tok]], device=device), attention_mask=mask,
                         position_ids=torch.tensor([[pos]], device=device), cache=kv,
                         logits_to_keep=1)
         token = out.logits[0, -1].argmax()
         start = time.perf_counter()
         for pos in range(len(prompt), len(prompt) + tokens):
-            mask = kv.prepare_step(torch.tensor([pos], device=device))
+            mask = kv.prepare_step(torch.tensor([pos], device=device), read_len=pos + 1)
             out = model(input_ids=token.view(1, 1), attention_mask=mask,
                         position_ids=torch.tensor([[pos]], device=device), cache=kv,
                         logits_to_keep=1)

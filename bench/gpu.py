@@ -1,12 +1,13 @@
 """GPU benchmark, ready for one call on a lent GPU (no download: random full-size weights).
 
 Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and prints:
-batch-1 decode tokens/s (bare forward loop and the engine's streaming path) and the share of
-the memory-bandwidth floor reached, aggregate decode tokens/s at 8 and 32 streams, and time
-to first token at 1k, 8k and 32k prompt tokens.
-Usage (device machine): python bench/gpu.py [--layers 28] [--tokens 128]
+batch-1 decode tokens/s (bare forward loop, the engine decoding eagerly, the engine replaying
+CUDA graphs) and the share of the memory-bandwidth floor each reaches, whether graphs give the
+same greedy tokens as eager steps, aggregate decode tokens/s at 8 and 32 streams (eager and
+graphs), and time to first token at 1k, 8k and 32k prompt tokens.
+Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28] [--tokens 128]
 Smoke test here: python bench/gpu.py --device cpu --dtype bfloat16 --layers 1 --tokens 4
-    --streams 2 --ttft 256 --bandwidth 20e9
+    --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed
 """
 
 from __future__ import annotations
@@ -43,6 +44,21 @@ def peak_bandwidth(device: torch.device) -> tuple[str, float | None]:
     return name, None
 
 
+def greedy_ids(engine: Engine, prompt: list[int], tokens: int) -> list[int]:
+    gen = engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0))
+    gen.text()
+    return gen.result.output_ids
+
+
+def section(title: str, run) -> None:
+    """Runs one part of the report; a failure is printed and the others still run."""
+    print(f"\n{title}")
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001 - a one-call run should report all it can
+        print(f"  FAILED: {type(e).__name__}: {e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda")
@@ -52,49 +68,80 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--ttft", type=int, nargs="+", default=[1024, 8192, 32000])
     ap.add_argument("--bandwidth", type=float, default=None, help="peak bytes/s override")
+    ap.add_argument("--compare", default="graphs", choices=["graphs", "fixed"],
+                    help="decoding steps to set against eager ones (fixed: graphs' shapes, no "
+                         "recording; runs on CPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
     t0 = time.perf_counter()
     model = random_model(args.device, getattr(torch, args.dtype), num_layers=args.layers)
     built = time.perf_counter() - t0
     tokenizer = ChatGLMTokenizer(TOKENIZER)
-    engine = Engine(model, tokenizer, max_batch=max(args.streams + [1]))
+    max_batch = max(args.streams + [1])
+    engines = {"eager": Engine(model, tokenizer, max_batch=max_batch, decode_step="eager")}
+    if device.type == "cuda" or args.compare == "fixed":
+        engines[args.compare] = Engine(model, tokenizer, max_batch=max_batch,
+                                       decode_step=args.compare)
     name, bandwidth = peak_bandwidth(device)
     bandwidth = args.bandwidth or bandwidth
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # A decode step reads every weight except the embedding table (one row of it).
-    step_bytes = weights - model.model.embed_tokens.weight.numel() * 2
+    step_bytes = weights - model.model.embed_tokens.weight.numel() * model.dtype.itemsize
     print(f"device: {name}; {args.layers} layers, {args.dtype}, {weights / 2**30:.2f} GiB of "
-          f"weights, built in {built:.1f} s")
-
+          f"weights, built in {built:.1f} s; torch {torch.__version__}")
     prompt = tokenizer.build_chat_input([]) + tokenizer.encode_text(PROMPT)
-    engine_streams(engine, 1, 8)  # warm-up
-    bare = bare_loop(model, prompt, args.tokens)
-    single, _ = engine_streams(engine, 1, args.tokens)
-    print(f"\n{'batch-1 decode':<26}{'tokens/s':>10}{'ms/token':>10}{'of floor':>10}")
-    for label, rate in (("bare forward loop", bare), ("engine streaming path", single)):
-        share = f"{rate * step_bytes / bandwidth:.0%}" if bandwidth else "n/a"
-        print(f"{label:<26}{rate:>10.1f}{1000 / rate:>10.2f}{share:>10}")
-    if bandwidth:
-        print(f"(floor: {step_bytes / 2**30:.2f} GiB per step at {bandwidth / 1e12:.2f} TB/s = "
-              f"{bandwidth / step_bytes:.1f} tokens/s)")
 
-    print(f"\n{'streams':<10}{'decode tok/s':>14}{'wall tok/s':>12}")
-    for n in args.streams:
-        rate, wall = engine_streams(engine, n, args.tokens)
-        print(f"{n:<10}{rate:>14.1f}{wall:>12.1f}")
+    def batch_one() -> None:
+        for engine in engines.values():
+            engine_streams(engine, 1, 8)  # warm-up (and the graphs' first recording)
+        rates = [("bare forward loop (eager)", bare_loop(model, prompt, args.tokens))]
+        rates += [(f"engine, {label} steps", engine_streams(engine, 1, args.tokens)[0])
+                  for label, engine in engines.items()]
+        print(f"{'batch-1 decode':<28}{'tokens/s':>10}{'ms/token':>10}{'of floor':>10}")
+        for label, rate in rates:
+            share = f"{rate * step_bytes / bandwidth:.0%}" if bandwidth else "n/a"
+            print(f"{label:<28}{rate:>10.1f}{1000 / rate:>10.2f}{share:>10}")
+        if bandwidth:
+            print(f"(floor: {step_bytes / 2**30:.2f} GiB per step at {bandwidth / 1e12:.2f} TB/s "
+                  f"= {bandwidth / step_bytes:.1f} tokens/s)")
 
-    print(f"\n{'prompt tokens':<15}{'TTFT s':>8}{'prefill tok/s':>15}")
-    filler = tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * 4000)
-    for n in args.ttft:
-        ids = (prompt[:-1] + filler * (n // len(filler) + 1))[: n - 1] + prompt[-1:]
-        gen = engine.generate(ids, SamplingParams(max_tokens=1, temperature=0))
-        gen.text()
-        ttft = gen.result.time_to_first_token
-        print(f"{n:<15}{ttft:>8.2f}{n / ttft:>15.0f}")
+    def same_tokens() -> None:
+        if args.compare not in engines:
+            print(f"  no {args.compare} steps on this device")
+            return
+        other = engines[args.compare]
+        eager = greedy_ids(engines["eager"], prompt, args.tokens)
+        ids = greedy_ids(other, prompt, args.tokens)
+        same = next((i for i, (a, b) in enumerate(zip(eager, ids)) if a != b), len(eager))
+        print(f"  {args.compare}: greedy tokens identical to eager for the first {same} of "
+              f"{len(eager)}{'' if other._fixed else ' (FELL BACK to eager steps)'}")
+
+    def streams() -> None:
+        print(f"{'streams':<10}{'steps':<8}{'decode tok/s':>14}{'wall tok/s':>12}")
+        for n in args.streams:
+            for label, engine in engines.items():
+                rate, wall = engine_streams(engine, n, args.tokens)
+                print(f"{n:<10}{label:<8}{rate:>14.1f}{wall:>12.1f}")
+
+    def ttft() -> None:
+        engine = engines.get(args.compare, engines["eager"])
+        print(f"{'prompt tokens':<15}{'TTFT s':>8}{'prefill tok/s':>15}")
+        filler = tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * 4000)
+        for n in args.ttft:
+            ids = (prompt[:-1] + filler * (n // len(filler) + 1))[: n - 1] + prompt[-1:]
+            gen = engine.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+            gen.text()
+            took = gen.result.time_to_first_token
+            print(f"{n:<15}{took:>8.2f}{n / took:>15.0f}")
+
+    section("1. batch-1 decode vs the bandwidth floor", batch_one)
+    section(f"2. {args.compare} vs eager steps, greedy tokens", same_tokens)
+    section("3. concurrent streams (aggregate while all decode; wall incl. prefills)", streams)
+    section("4. time to first token", ttft)
     if device.type == "cuda":
         print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    engine.close()
+    for engine in engines.values():
+        engine.close()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def build_parser() -> OneLineParser:
     common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     common.add_argument("--dtype", default="auto",
                         choices=["auto", "float16", "bfloat16", "float32"])
+    common.add_argument("--decode-step", default="auto", choices=["auto", "eager", "graphs"],
+                        help="graphs: replay decoding steps as CUDA graphs (auto: on a GPU)")
 
     conversation = OneLineParser(add_help=False)
     conversation.add_argument("--system", default="", help="system prompt")
@@ -119,7 +121,8 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     from .download import resolve_weights
     from .engine import Engine
 
-    return Engine.from_pretrained(resolve_weights(args.weights), args.device, args.dtype)
+    return Engine.from_pretrained(resolve_weights(args.weights), args.device, args.dtype,
+                                  decode_step=args.decode_step)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

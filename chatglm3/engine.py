@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import queue
 import threading
 import time
@@ -15,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from .checkpoint import load_model
+from .decode_graphs import FixedShapeDecoder
 from .kv_rows import KVRows
 from .params import SamplingParams
 from .sampling import Sampler
@@ -23,6 +25,9 @@ from .tokenizer import ChatGLMTokenizer, Message
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
 DEFAULT_MAX_BATCH = 8
+DECODE_STEPS = ("auto", "eager", "fixed", "graphs")
+
+log = logging.getLogger(__name__)
 
 
 class PromptTooLong(ValueError):
@@ -91,14 +96,21 @@ class _Request:
         self.pieces: list[str] = []
         self.submitted = time.perf_counter()
         self.first = self.last = self.submitted
-        # All ids so far, preallocated: the repetition penalty reads it without regrowing it.
-        self.ids = torch.empty(1, len(prompt) + result.max_tokens, dtype=torch.long, device=device)
-        self.ids[0, : len(prompt)] = torch.tensor(prompt)
+        self.device = device
+        self.ids: torch.Tensor | None = None  # made by the worker: see start()
         self.n = len(prompt)
         self.prefill_cache: DynamicCache | None = None
         self.prefilled = 0
         self.first_token: torch.Tensor | None = None
         self.wake: Callable[[], None] | None = None  # set by an asyncio consumer
+
+    def start(self) -> None:
+        """Puts the prompt on the device, from the worker thread (so no other thread touches
+        the GPU while the worker records a CUDA graph)."""
+        # All ids so far, preallocated: the repetition penalty reads it without regrowing it.
+        self.ids = torch.empty(1, self.n + self.result.max_tokens, dtype=torch.long,
+                               device=self.device)
+        self.ids[0, : self.n] = torch.tensor(self.prompt)
 
     def emit(self, text: str) -> None:
         if text:
@@ -179,10 +191,13 @@ class Engine:
 
     A worker thread owns the model. Each step it runs one prefill chunk of a waiting request (so
     a long prompt does not stall the others) and one decoding step for every running request.
+    `decode_step`: "eager" runs each decoding step as it comes; "graphs" replays it as a CUDA
+    graph (padded to fixed shapes); "fixed" uses those fixed shapes without graphs (to test
+    them on CPU); "auto" is "graphs" on a GPU and "eager" elsewhere.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: ChatGLMTokenizer,
-                 max_batch: int = DEFAULT_MAX_BATCH) -> None:
+                 max_batch: int = DEFAULT_MAX_BATCH, decode_step: str = "auto") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -191,6 +206,15 @@ class Engine:
         cfg = model.config
         self._kv = KVRows(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                           self.device, next(model.parameters()).dtype)
+        if decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step: expected one of {', '.join(DECODE_STEPS)}, "
+                             f"got {decode_step!r}")
+        if decode_step == "auto":
+            decode_step = "graphs" if self.device.type == "cuda" else "eager"
+        if decode_step == "graphs" and self.device.type != "cuda":
+            raise ValueError("decode_step: graphs needs a CUDA device")
+        self._fixed = None if decode_step == "eager" else FixedShapeDecoder(
+            model, self._kv, max_batch, record=decode_step == "graphs")
         self._incoming: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._wake = threading.Condition()
         self._pending = 0
@@ -288,6 +312,7 @@ class Engine:
     def _prefill_step(self, r: _Request) -> bool:
         """Runs one chunk of r's prompt; True when the prompt is done and r.first_token chosen."""
         if r.prefill_cache is None:
+            r.start()
             r.prefill_cache = DynamicCache(config=self.model.config)
         begin = r.prefilled
         chunk = r.ids[:, begin : min(begin + PREFILL_CHUNK, len(r.prompt))]
@@ -318,11 +343,24 @@ class Engine:
         if not running:
             return
         tokens = torch.stack([r.ids[0, r.n - 1] for r in running])[:, None]
+        furthest = max(r.n for r in running)
         positions = torch.tensor([r.n - 1 for r in running], device=self.device)
-        self._kv.reserve(len(running), int(positions.max()) + 1)
-        mask = self._kv.prepare_step(positions)
-        logits = self.model(input_ids=tokens, position_ids=positions[:, None],
-                            attention_mask=mask, cache=self._kv, logits_to_keep=1).logits[:, -1]
+        self._kv.reserve(len(running), furthest)
+        logits = None
+        if self._fixed is not None:
+            try:
+                logits = self._fixed(tokens, positions)
+            except Exception:  # noqa: BLE001 - a GPU that cannot record graphs still serves
+                if not self._fixed.record:
+                    raise
+                log.warning("CUDA graph decoding failed; decoding eagerly from now on",
+                            exc_info=True)
+                self._fixed = None
+        if logits is None:
+            mask = self._kv.prepare_step(positions, read_len=furthest)
+            logits = self.model(input_ids=tokens, position_ids=positions[:, None],
+                                attention_mask=mask, cache=self._kv,
+                                logits_to_keep=1).logits[:, -1]
         picked = torch.stack([r.sampler(r.ids[:, : r.n], logits[i : i + 1])
                               for i, r in enumerate(running)]).tolist()
         for i in reversed(range(len(running))):

@@ -22,6 +22,7 @@ class KVRows:
         self.values = [self._empty(rows, capacity) for _ in range(layers)]
         self._write_at: torch.Tensor | None = None  # [batch] positions the next update writes
         self._read_len = 0
+        self.version = 0  # bumped whenever the buffers are reallocated (their addresses change)
 
     def _empty(self, rows: int, capacity: int) -> torch.Tensor:
         return torch.zeros(rows, self.shape[0], capacity, self.shape[1], device=self.device,
@@ -48,6 +49,7 @@ class KVRows:
                 new = self._empty(new_rows, new_cap)
                 new[: old.shape[0], :, : old.shape[2]] = old
                 buffers[i] = new
+        self.version += 1
 
     def store_prefill(self, row: int, cache: DynamicCache) -> None:
         """Copies a single request's prefilled cache into `row`."""
@@ -61,11 +63,15 @@ class KVRows:
             for buf in buffers:
                 buf[dst, :, :length] = buf[src, :, :length]
 
-    def prepare_step(self, positions: torch.Tensor) -> torch.Tensor:
+    def prepare_step(self, positions: torch.Tensor, read_len: int | None = None) -> torch.Tensor:
         """Sets where the next forward pass writes (one token per row at `positions`) and
-        returns the boolean attention mask [batch, 1, 1, read_len] it must use."""
+        returns the boolean attention mask [batch, 1, 1, read_len] it must use.
+
+        `read_len`: how many positions attention reads; by default up to the furthest row
+        (which costs a device sync: pass it when the caller knows it).
+        """
         self._write_at = positions
-        self._read_len = int(positions.max()) + 1
+        self._read_len = int(positions.max()) + 1 if read_len is None else read_len
         span = torch.arange(self._read_len, device=self.device)
         return (span[None, :] <= positions[:, None])[:, None, None, :]
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT, TINY_CKPT
 
@@ -59,6 +60,9 @@ def test_encode(reference: dict) -> None:
     assert json.loads(out.stdout) == case["input_ids"]
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -68,6 +72,8 @@ def test_encode(reference: dict) -> None:
         (["generate", "--prompt", "x", "--history", "[{\"role\": \"bot\"}]"], "history[0].role"),
         (["generate"], "--prompt"),
         (["generate", "--prompt", "x", "--device", "tpu"], "--device"),
+        pytest.param(["generate", "--prompt", "x", "--decode-step", "graphs"],
+                     "needs a CUDA device", marks=NO_CUDA),
         (["fly"], "fly"),
         (["generate", "--prompt", "x", "--weights", "/no/such/dir"], "/no/such/dir"),
     ],
