@@ -12,8 +12,11 @@ import threading
 import pytest
 import torch
 
-from chatglm3.decode_graphs import batch_buckets
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from chatglm3.decode_graphs import FixedShapeDecoder, batch_buckets
 from chatglm3.engine import Engine
+from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 
 GREEDY = dict(temperature=0.0)
@@ -99,3 +102,39 @@ def test_failed_recording_falls_back_to_eager(tiny_model_fp32, tokenizer, refere
         assert "decoding eagerly" in caplog.text
     finally:
         engine.close()
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op a block of code runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that read device memory on the host or copy host data in: recording a CUDA graph fails
+# (or silently freezes a value) on any of them.
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "masked_select",
+                 "unique", "_unique2", "equal", "lift_fresh"}
+
+
+def test_fixed_step_has_no_host_round_trips(tiny_model_fp32) -> None:
+    """The step a graph records must not make the host wait on the device or feed it Python
+    values; the same forward with a default cache and mask does (so the check can fail)."""
+    cfg = tiny_model_fp32.config
+    kv = KVRows(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                torch.device("cpu"), torch.float32)
+    decoder = FixedShapeDecoder(tiny_model_fp32, kv, max_batch=4, record=False)
+    with torch.inference_mode():
+        decoder(torch.tensor([[5], [6], [7]]), torch.tensor([3, 4, 5]))  # makes the bucket-4 step
+        with OpLog() as fixed_ops:
+            decoder._forward(decoder._steps[4])
+        with OpLog() as default_ops:
+            kv.prepare_step(torch.tensor([3, 4, 5]))  # no read_len: must sync to find it
+    assert "linear" in fixed_ops.ops and "scaled_dot_product_attention" in fixed_ops.ops
+    assert not fixed_ops.ops & HOST_SYNC_OPS
+    assert default_ops.ops & HOST_SYNC_OPS
