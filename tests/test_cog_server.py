@@ -388,11 +388,21 @@ def _run_at_once(fn, args: list) -> list:
     return results
 
 
-def test_concurrent_clients_get_what_they_get_alone(server: Server, reference, tokenizer) -> None:
+def test_concurrent_clients_get_what_they_get_alone(server: Server, reference, tokenizer,
+                                                   nihao) -> None:
+    """Greedy, seeded-sampled and stop-sequence requests at once: each keeps its own
+    settings, seed and stops, and gets what it gets alone."""
     runs = _expected_runs(reference, tokenizer)
-    alone = [server.text(**inputs) for inputs, _ in runs]
-    assert alone == [text for _, text in runs]
-    together = _run_at_once(lambda inputs: server.predict(**inputs), [inputs for inputs, _ in runs])
+    greedy = [server.text(**inputs) for inputs, _ in runs]
+    assert greedy == [text for _, text in runs]
+    story = {"prompt": "Tell me a story", "max_tokens": 24, "top_p": 1.0}
+    own = [dict(story, temperature=1.0, top_k=40, seed=11),
+           dict(story, temperature=0.7, repetition_penalty=1.3, seed=12),
+           dict(nihao[0], stop_sequences=" encryption")]
+    alone = greedy + [server.text(**inputs) for inputs in own]
+    assert len(set(alone[-3:])) == 3 and alone[-1] == nihao[1][: nihao[1].index(" encryption")]
+    requests = [inputs for inputs, _ in runs] + own
+    together = _run_at_once(lambda inputs: server.predict(**inputs), requests)
     assert all(b["status"] == "succeeded" for b in together), together
     assert ["".join(b["output"]) for b in together] == alone
 
