@@ -6,6 +6,8 @@ CUDA graphs) and the share of the memory-bandwidth floor each reaches, whether g
 same greedy tokens as eager steps, aggregate decode tokens/s at 8 and 32 streams (eager and
 graphs), and time to first token at 1k, 8k and 32k prompt tokens.
 Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28] [--tokens 128]
+  or, where that Python lacks our pinned transformers: scripts/gpu_bench_prepare here, then
+  scripts/gpu_bench there (carrying .device/).
 Smoke test here: python bench/gpu.py --device cpu --dtype bfloat16 --layers 1 --tokens 4
     --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed
 """

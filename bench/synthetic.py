@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 REAL = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, kv_channels=128,
             multi_query_group_num=2, ffn_hidden_size=13696, padded_vocab_size=65024)
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "chatglm3-tokenizer" / "tokenizer.model"
+TOKENIZER = Path(os.environ.get("CHATGLM3_TOKENIZER")
+                 or ROOT.parent / "shared" / "chatglm3-tokenizer" / "tokenizer.model")
 
 
 def chatglm_config(**sizes: int) -> dict:
