@@ -2,7 +2,8 @@
 
 1. Engine overhead: tokens/s of the full streaming path (engine thread, sampling, detokenizer,
    stop matcher, queue) against a bare loop of forward passes with the same cache.
-2. Batch scaling: aggregate tokens/s with 1, 2, 4, 8 concurrent greedy streams.
+2. Batch scaling: aggregate tokens/s with 1, 2, 4, 8 concurrent streams, greedy and with the
+   default sampling settings (which add a sort of the vocabulary per stream per step).
 Usage: python bench/decode.py [--layers 2] [--tokens 32] [--dtype bfloat16] [--device cpu]
 """
 
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 
 from chatglm3.engine import Engine  # noqa: E402
 from chatglm3.kv_rows import KVRows  # noqa: E402
-from chatglm3.params import SamplingParams  # noqa: E402
+from chatglm3.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams  # noqa: E402
 from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
 from synthetic import TOKENIZER, random_model  # noqa: E402
 
@@ -52,7 +53,8 @@ def bare_loop(model, prompt: list[int], tokens: int) -> float:
         return tokens / (time.perf_counter() - start)
 
 
-def engine_streams(engine: Engine, streams: int, tokens: int) -> tuple[float, float]:
+def engine_streams(engine: Engine, streams: int, tokens: int,
+                   sampling: dict | None = None) -> tuple[float, float]:
     """`streams` concurrent greedy generations through the full streaming path.
 
     Returns (aggregate decode tokens/s while all streams are decoding at once, wall-clock
@@ -62,8 +64,9 @@ def engine_streams(engine: Engine, streams: int, tokens: int) -> tuple[float, fl
     """
     prompt = engine.tokenizer.build_chat_input([]) + engine.tokenizer.encode_text(PROMPT)
     start = time.perf_counter()
-    gens = [engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0))
-            for _ in range(streams)]
+    settings = sampling or dict(temperature=0)
+    gens = [engine.generate(prompt, SamplingParams(max_tokens=tokens, seed=i, **settings))
+            for i in range(streams)]
     samples: list[list[tuple[float, int]]] = [[] for _ in gens]
 
     def consume(g, log: list[tuple[float, int]]) -> None:
@@ -76,7 +79,7 @@ def engine_streams(engine: Engine, streams: int, tokens: int) -> tuple[float, fl
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    assert all(g.result.output_token_count == tokens for g in gens)
+    assert sampling or all(g.result.output_token_count == tokens for g in gens)
     t0 = max(log[0][0] for log in samples)
     t1 = min(log[-1][0] for log in samples)
 
@@ -112,12 +115,17 @@ def main() -> None:
     print(f"{'engine streaming path':<28}{single:>10.2f}{single / bare:>10.3f}")
     print("\n2. batch scaling (aggregate tokens/s while all streams decode; wall clock incl. "
           "prefills)")
-    print(f"{'streams':<10}{'tokens/s':>10}{'vs 1 stream':>13}{'wall tok/s':>12}")
-    base = None
+    print(f"{'streams':<10}{'greedy':>10}{'vs 1':>7}{'wall':>8}"
+          f"{'sampled':>10}{'vs 1':>7}{'wall':>8}")
+    base: list[float] = []
+    sampled = dict(temperature=DEFAULT_TEMPERATURE, top_p=DEFAULT_TOP_P)
     for n in args.streams:
-        rate, wall = engine_streams(engine, n, args.tokens)
-        base = base or rate
-        print(f"{n:<10}{rate:>10.2f}{rate / base:>13.2f}{wall:>12.2f}")
+        row = [*engine_streams(engine, n, args.tokens), *engine_streams(engine, n, args.tokens,
+                                                                        sampled)]
+        base = base or row
+        print(f"{n:<10}{row[0]:>10.2f}{row[0] / base[0]:>7.2f}{row[1]:>8.2f}"
+              f"{row[2]:>10.2f}{row[2] / base[2]:>7.2f}{row[3]:>8.2f}")
+    print(f"(sampled: temperature {DEFAULT_TEMPERATURE}, top_p {DEFAULT_TOP_P}, the defaults)")
     engine.close()
 
 

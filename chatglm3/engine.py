@@ -19,7 +19,7 @@ from .checkpoint import load_model
 from .decode_graphs import FixedShapeDecoder
 from .kv_rows import KVRows
 from .params import SamplingParams
-from .sampling import Sampler
+from .sampling import Sampler, pick
 from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer, Message
 
@@ -101,7 +101,7 @@ class _Request:
         self.n = len(prompt)
         self.prefill_cache: DynamicCache | None = None
         self.prefilled = 0
-        self.first_token: torch.Tensor | None = None
+        self.first_token: int | None = None
         self.wake: Callable[[], None] | None = None  # set by an asyncio consumer
 
     def start(self) -> None:
@@ -243,7 +243,7 @@ class Engine:
         result = GenerationResult(input_ids=ids, input_token_count=len(ids),
                                   max_tokens=min(params.max_tokens, room),
                                   max_tokens_cut=params.max_tokens > room)
-        sampler = Sampler(params, self.device)
+        sampler = Sampler(params)
         result.seed = sampler.seed
         request = _Request(ids, sampler, result, self.tokenizer, self.device)
         self._start_worker()
@@ -294,7 +294,7 @@ class Engine:
                             r.finish("cancelled")
                         elif self._prefill_step(r):
                             prefilling = None
-                            if not self._accept(r, int(r.first_token)):
+                            if not self._accept(r, r.first_token):
                                 self._admit(r, running)
                     except Exception as e:  # noqa: BLE001 - reported to the request, serving goes on
                         prefilling = None
@@ -325,7 +325,7 @@ class Engine:
         r.prefilled += chunk.shape[1]
         if r.prefilled < len(r.prompt):
             return False
-        r.first_token = r.sampler(r.ids[:, : r.n], out.logits[:, -1])
+        r.first_token = pick(out.logits[:, -1], [r.sampler], [r.ids[:, : r.n]])[0]
         return True
 
     def _admit(self, r: _Request, running: list[_Request]) -> None:
@@ -361,8 +361,8 @@ class Engine:
             logits = self.model(input_ids=tokens, position_ids=positions[:, None],
                                 attention_mask=mask, cache=self._kv,
                                 logits_to_keep=1).logits[:, -1]
-        picked = torch.stack([r.sampler(r.ids[:, : r.n], logits[i : i + 1])
-                              for i, r in enumerate(running)]).tolist()
+        picked = pick(logits, [r.sampler for r in running],
+                      [r.ids[:, : r.n] if r.sampler.penalty else None for r in running])
         for i in reversed(range(len(running))):
             if self._accept(running[i], picked[i]):
                 self._remove(running, i)
