@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 from chatglm3.engine import Engine  # noqa: E402
-from chatglm3.kv_rows import KVRows  # noqa: E402
+from chatglm3.kv_rows import KVRows, decode_logits  # noqa: E402
 from chatglm3.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams  # noqa: E402
 from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
 from synthetic import TOKENIZER, random_model  # noqa: E402
@@ -38,25 +38,22 @@ def bare_loop(model, prompt: list[int], tokens: int) -> float:
                 next(model.parameters()).dtype, capacity=len(prompt) + tokens + 1)
     with torch.inference_mode():
         for pos, tok in enumerate(prompt):  # fill the cache one token at a time (untimed)
-            mask = kv.prepare_step(torch.tensor([pos], device=device), read_len=pos + 1)
-            out = model(input_ids=torch.tensor([[tok]], device=device), attention_mask=mask,
-                        position_ids=torch.tensor([[pos]], device=device), cache=kv,
-                        logits_to_keep=1)
-        token = out.logits[0, -1].argmax()
+            logits = decode_logits(model, kv, torch.tensor([[tok]], device=device),
+                                   torch.tensor([pos], device=device), pos + 1)
+        token = logits[0].argmax()
         start = time.perf_counter()
         for pos in range(len(prompt), len(prompt) + tokens):
-            mask = kv.prepare_step(torch.tensor([pos], device=device), read_len=pos + 1)
-            out = model(input_ids=token.view(1, 1), attention_mask=mask,
-                        position_ids=torch.tensor([[pos]], device=device), cache=kv,
-                        logits_to_keep=1)
-            token = out.logits[0, -1].argmax()
+            logits = decode_logits(model, kv, token.view(1, 1),
+                                   torch.tensor([pos], device=device), pos + 1)
+            token = logits[0].argmax()
             int(token)  # the engine needs each token on the host too
         return tokens / (time.perf_counter() - start)
 
 
 def engine_streams(engine: Engine, streams: int, tokens: int,
                    sampling: dict | None = None) -> tuple[float, float]:
-    """`streams` concurrent greedy generations through the full streaming path.
+    """`streams` concurrent generations (greedy unless `sampling` settings are given) through
+    the full streaming path.
 
     Returns (aggregate decode tokens/s while all streams are decoding at once, wall-clock
     tokens/s including the prefills). The first number counts, for each stream, the tokens it

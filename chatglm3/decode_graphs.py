@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_rows import KVRows
+from .kv_rows import KVRows, decode_logits
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ class FixedShapeDecoder:
         return step.logits[:batch]
 
     def _forward(self, step: _Step) -> torch.Tensor:
-        mask = self.kv.prepare_step(step.positions, read_len=self.kv.capacity)
-        out = self.model(input_ids=step.tokens, position_ids=step.positions[:, None],
-                         attention_mask=mask, cache=self.kv, logits_to_keep=1)
-        return out.logits[:, -1]
+        return decode_logits(self.model, self.kv, step.tokens, step.positions, self.kv.capacity)
 
     def _record_graph(self, step: _Step) -> None:
         # The warm-up runs (which let cuBLAS and friends allocate outside the graph) use this

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .checkpoint import load_model
 from .decode_graphs import FixedShapeDecoder
-from .kv_rows import KVRows
+from .kv_rows import KVRows, decode_logits
 from .params import SamplingParams
 from .sampling import Sampler, pick
 from .streaming import IncrementalDetokenizer, StopMatcher
@@ -357,10 +357,7 @@ class Engine:
                             exc_info=True)
                 self._fixed = None
         if logits is None:
-            mask = self._kv.prepare_step(positions, read_len=furthest)
-            logits = self.model(input_ids=tokens, position_ids=positions[:, None],
-                                attention_mask=mask, cache=self._kv,
-                                logits_to_keep=1).logits[:, -1]
+            logits = decode_logits(self.model, self._kv, tokens, positions, furthest)
         picked = pick(logits, [r.sampler for r in running],
                       [r.ids[:, : r.n] if r.sampler.penalty else None for r in running])
         for i in reversed(range(len(running))):

@@ -87,3 +87,13 @@ class KVRows:
 
 def _cache_tensors(cache: DynamicCache) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+
+
+def decode_logits(model: torch.nn.Module, kv: KVRows, tokens: torch.Tensor,
+                  positions: torch.Tensor, read_len: int) -> torch.Tensor:
+    """One decoding step over the first rows of `kv`: `tokens` [batch, 1] at `positions`
+    [batch], attention reading `read_len` positions; returns the logits [batch, vocab]."""
+    mask = kv.prepare_step(positions, read_len=read_len)
+    out = model(input_ids=tokens, position_ids=positions[:, None], attention_mask=mask,
+                cache=kv, logits_to_keep=1)
+    return out.logits[:, -1]
