@@ -5,9 +5,29 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from .tokenizer import ROLES, Message
 
 MESSAGE_KEYS = {"role", "content", "metadata", "tools"}
+
+# A valid history is a list of objects or pairs (depth 2); only a system message's `tools` can
+# nest further, and real tool schemas stay far below this. The limit is checked before
+# json.loads, so hostile nesting never reaches Python's recursion limit.
+MAX_HISTORY_DEPTH = 32
+
+# Longest history JSON text accepted. The context holds 32,768 tokens and no token covers more
+# than 16 characters, so at most 524,288 characters of text can fit; JSON escaping spends at
+# most 12 characters on one (an astral character as "\ud83d\ude00"): 6,291,456. Each message
+# also costs at least 2 tokens (its role token and the metadata line), worth up to 384 JSON
+# characters of content, which pays for its keys, quotes and commas. 8 MiB leaves ~2 MiB more
+# for pretty-printing, so every history that could fit the context is accepted.
+MAX_HISTORY_CHARS = 8 * 2**20
+
+# Bytes -> nesting step: +1 for "[" and "{", -1 (255 as int8) for "]" and "}", 0 otherwise.
+_BRACKET_STEPS = bytes(
+    {ord("["): 1, ord("{"): 1, ord("]"): 255, ord("}"): 255}.get(b, 0) for b in range(256)
+)
 
 
 class HistoryError(ValueError):
@@ -23,8 +43,15 @@ def parse_history(history: str | list | None) -> list[Message]:
     if history is None:
         return []
     if isinstance(history, str):
+        if len(history) > MAX_HISTORY_CHARS:
+            raise HistoryError(
+                f"history: {len(history):,} characters of JSON, over the limit of "
+                f"{MAX_HISTORY_CHARS:,}; no history that long fits the model's context"
+            )
         if not history.strip():
             return []
+        if _json_text_depth(history) > MAX_HISTORY_DEPTH:
+            raise _too_deep()
         try:
             history = json.loads(history)
         except json.JSONDecodeError as e:
@@ -32,6 +59,8 @@ def parse_history(history: str | list | None) -> list[Message]:
                 f"history: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                 'expected a JSON list like [{"role": "user", "content": "..."}]'
             ) from None
+    elif isinstance(history, list):
+        _check_decoded_depth(history)
     if not isinstance(history, list):
         raise HistoryError(
             f"history: expected a JSON list of messages, got {_json_type(history)}"
@@ -60,6 +89,13 @@ def build_messages(
     """The whole conversation: optional system prompt, the history, then the new turn."""
     if not isinstance(prompt, str):
         raise HistoryError(f"prompt: expected a string, got {_json_type(prompt)}")
+    check_text("prompt", prompt)
+    if system_prompt:
+        if not isinstance(system_prompt, str):
+            raise HistoryError(
+                f"system_prompt: expected a string, got {_json_type(system_prompt)}"
+            )
+        check_text("system_prompt", system_prompt)
     if role not in ROLES or role in ("system", "assistant"):
         raise HistoryError(f"role: expected user or observation for the new turn, got {role!r}")
     messages = parse_history(history)
@@ -71,6 +107,21 @@ def build_messages(
         messages.insert(0, Message("system", system_prompt))
     messages.append(Message(role, prompt))  # type: ignore[arg-type]
     return messages
+
+
+def check_text(field: str, text: str) -> None:
+    """Rejects text that is not valid Unicode (a lone surrogate), which SentencePiece cannot take.
+
+    Lone surrogates come from JSON escapes like "\\ud800" and from command-line bytes that are
+    not UTF-8 (Python decodes argv with surrogateescape).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HistoryError(
+            f"{field}: not valid Unicode text (lone surrogate U+{ord(text[e.start]):04X} "
+            f"at character {e.start}); send UTF-8 text"
+        ) from None
 
 
 def check_order(messages: list[Message], where: str = "history") -> None:
@@ -108,6 +159,10 @@ def _parse_message(i: int, item: dict[str, Any]) -> Message:
     tools = item.get("tools")
     if tools is not None and role != "system":
         raise HistoryError(f"history[{i}].tools: only a system message may carry tools")
+    check_text(f"history[{i}].content", content)
+    check_text(f"history[{i}].metadata", metadata)
+    if tools is not None:
+        _check_tools_text(f"history[{i}].tools", tools)
     return Message(role, content, metadata, tools)
 
 
@@ -117,7 +172,59 @@ def _parse_pair(i: int, item: list) -> list[Message]:
             f'history[{i}]: a pair must be ["question", "answer"] with two strings, got '
             + json.dumps(item, ensure_ascii=False)[:80]
         )
+    check_text(f"history[{i}][0]", item[0])
+    check_text(f"history[{i}][1]", item[1])
     return [Message("user", item[0]), Message("assistant", item[1])]
+
+
+def _check_tools_text(field: str, tools: Any) -> None:
+    """Every string in `tools`, keys included, is tokenized as part of the system message."""
+    stack = [tools]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            check_text(field, node)
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def _json_text_depth(text: str) -> int:
+    """Deepest nesting of lists and objects in JSON text, without parsing it; linear, C speed.
+
+    Reads strings and escapes as json.loads does up to the first syntax error, where json.loads
+    stops; so json.loads never recurses deeper than the depth returned.
+    """
+    if text.count("[") + text.count("{") <= MAX_HISTORY_DEPTH:
+        return 0  # too few brackets to matter: the common case costs two counts
+    # Drop escapes that could hide a quote: runs of backslashes pair up from their start, as
+    # in a JSON string; outside strings a backslash is an error where json.loads stops anyway.
+    text = text.replace("\\\\", "").replace('\\"', "")
+    # Every other piece between quotes is string content (an unterminated string runs to the
+    # end); brackets in there do not nest.
+    outside = "".join(text.split('"')[::2])
+    steps = np.frombuffer(outside.encode("ascii", "replace").translate(_BRACKET_STEPS), np.int8)
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def _check_decoded_depth(history: list) -> None:
+    """The depth limit for an already-decoded history, walked without recursion."""
+    stack: list[tuple[Any, int]] = [(history, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_HISTORY_DEPTH:
+            raise _too_deep()  # also ends a list that contains itself
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (list, tuple, dict)))
+
+
+def _too_deep() -> HistoryError:
+    return HistoryError(
+        f"history: too deeply nested (more than {MAX_HISTORY_DEPTH} levels of lists and "
+        "objects, the limit); expected a list of messages"
+    )
 
 
 def _json_type(value: Any) -> str:

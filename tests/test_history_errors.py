@@ -28,6 +28,8 @@ from chatglm3.messages import HistoryError, build_messages, parse_history
         ('[["only one"]]', ["history[0]", "pair"]),
         ('[["q", 3]]', ["history[0]", "pair"]),
         ('[{"role": "user", "content": "a", "tools": []}]', ["history[0].tools", "system"]),
+        ("[" * 100_000, ["history", "too deeply nested", "32"]),
+        ('[["q", "\\ud800"]]', ["history[0][1]", "not valid Unicode", "U+D800"]),
     ],
 )
 def test_bad_history(history: str, fragments: list[str]) -> None:
