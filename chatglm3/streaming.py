@@ -19,6 +19,10 @@ tokenizer by tests/test_streaming.py):
 
 from __future__ import annotations
 
+import re
+from array import array
+from collections import deque
+from itertools import islice
 from typing import Sequence
 
 from chatglm3.tokenizer import ChatGLMTokenizer
@@ -110,21 +114,146 @@ class IncrementalDetokenizer:
         return text
 
 
+# Trie edges that are not a node's chain edge live in one dict keyed by
+# (node << _CODE_BITS) | code point: every code point (at most 0x10FFFF) fits in 21 bits.
+_CODE_BITS = 21
+
+
+def _step(chain: array, branch: dict[int, int], forks: bytearray, fail: array, state: int,
+          code: int) -> int:
+    """The automaton's transition from `state` on code point `code` (inlined in the hot loops)."""
+    while True:
+        if chain[state] == code:
+            return state + 1
+        if forks[state]:
+            nxt = branch.get((state << _CODE_BITS) | code)
+            if nxt is not None:
+                return nxt
+        if state == 0:
+            return 0
+        state = fail[state]
+
+
 class StopMatcher:
     """Cuts a stream of text deltas right before the first occurrence of any stop string.
 
     "First" means the smallest start index in the whole text; stops starting at the same
     index cut at the same place. So the emitted text always equals `text[:start]`, even when
     a shorter stop would end earlier (stops ["abcd", "bc"] on "abcd" give ""). Text that might
-    still begin a stop is held back until it is known not to. Each push costs
-    O(number of stops * (longest stop + len(new text))), however long the output is.
+    still begin a stop is held back until it is known not to, and is emitted as soon as it is.
+
+    Algorithm: an Aho-Corasick automaton over the stops. Its states are the trie nodes (the
+    prefixes of the stops); after each character the state is the longest suffix of the text
+    that is still a prefix of some stop, found by following failure links (a node's longest
+    proper suffix that is also a node). So the state's depth is exactly how much text must be
+    held back, and `_out[state]`, the length of the longest stop that is a suffix of the state
+    (precomputed along the failure links), gives the earliest-starting match ending there.
+    A match can be committed once no earlier start is still live, i.e. once its start is at or
+    before the start of the held text; until then the smallest pending start is remembered.
+
+    Why: the previous version kept every prefix of every stop in a set, which is quadratic in
+    the stop length (one 100,000-character stop took 6-14 s and 4.7 GB to construct), and it
+    scanned every stop on every push. Here construction time and memory are O(total length of
+    the stops), about 17 bytes per trie node, and each pushed character costs O(1) amortised:
+    the depth grows by at most one per character and each failure step shrinks it, whatever
+    the number or length of the stops and however long the output has been.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
-        self._max_len = max((len(s) for s in self.stops), default=0)
-        self._prefixes = frozenset(s[:k] for s in self.stops for k in range(1, len(s)))
-        self._held = ""
+        # The trie is stored in flat arrays indexed by node (root 0). The nodes for the part
+        # of a stop that no earlier stop shares are numbered consecutively, so most nodes have
+        # a single child n + 1: `chain[n]` is the code point of that edge (-1 if none), and
+        # only the few branching edges (at most one per stop) need the `branch` dict.
+        # Arrays of C ints: 4 bytes a node, up to 2**31 nodes.
+        chain = array("i", [-1])
+        depth = array("i", [0])
+        branch: dict[int, int] = {}
+        branch_kids: dict[int, list[tuple[int, int]]] = {}
+        ends: list[tuple[int, int]] = []
+        for stop in self.stops:
+            node, d, n = 0, 0, len(stop)
+            while d < n:  # walk the part shared with earlier stops
+                code = ord(stop[d])
+                if chain[node] == code:
+                    node += 1
+                else:
+                    nxt = branch.get((node << _CODE_BITS) | code)
+                    if nxt is None:
+                        break
+                    node = nxt
+                d += 1
+            if d < n:
+                new, code = len(chain), ord(stop[d])
+                if node == new - 1 and chain[node] < 0:
+                    chain[node] = code  # extends the newest leaf: the new node is its n + 1
+                else:
+                    branch[(node << _CODE_BITS) | code] = new
+                    branch_kids.setdefault(node, []).append((code, new))
+                chain.extend(map(ord, islice(stop, d + 1, None)))
+                chain.append(-1)
+                depth.extend(range(d + 1, n + 1))
+                node = len(chain) - 1
+            ends.append((node, n))
+
+        size = len(chain)
+        forks = bytearray(size)  # 1 where a node has edges in `branch`
+        for node in branch_kids:
+            forks[node] = 1
+        fail = array("i", [0]) * size
+        out = array("i", [0]) * size  # length of the longest stop ending at the node, or 0
+        for node, n in ends:
+            out[node] = n
+        # Breadth first, so that the failure links of all shallower nodes are known. A node's
+        # failure link is its parent's, followed by the node's edge (the step push() takes).
+        level = [child for _, child in branch_kids.get(0, ())]
+        if chain[0] >= 0:
+            level.append(1)
+        while level:
+            parents, level = level, []
+            append = level.append
+            for node in parents:
+                code = chain[node]
+                if code >= 0:  # the chain child node + 1: nearly every node, so inlined
+                    state = fail[node]
+                    while True:
+                        if chain[state] == code:
+                            state += 1
+                            break
+                        if forks[state]:
+                            nxt = branch.get((state << _CODE_BITS) | code)
+                            if nxt is not None:
+                                state = nxt
+                                break
+                        if state == 0:
+                            break
+                        state = fail[state]
+                    fail[node + 1] = state
+                    if not out[node + 1]:
+                        out[node + 1] = out[state]
+                    append(node + 1)
+                if forks[node]:
+                    for code, child in branch_kids[node]:
+                        state = _step(chain, branch, forks, fail, fail[node], code) if node else 0
+                        fail[child] = state
+                        if not out[child]:
+                            out[child] = out[state]
+                        append(child)
+
+        self._chain, self._branch, self._forks, self._fail, self._depth, self._out = (
+            chain, branch, forks, fail, depth, out)
+        # From the root, only a stop's first character leaves it: skip to the next one in C.
+        firsts = sorted({stop[0] for stop in self.stops})
+        self._skip_to_first = (
+            re.compile("[" + "".join(map(re.escape, firsts)) + "]").search if firsts else None)
+        # Stream state. Positions are absolute indices into the text pushed since the last flush.
+        self._state = 0
+        self._pos = 0  # characters pushed
+        self._emitted = 0  # characters returned; [_emitted, _pos) is held back
+        self._best = -1  # smallest start of a stop already seen but not yet committed, or -1
+        # The held text: these chunks, the first from index _head on.
+        self._chunks: deque[str] = deque()
+        self._head = 0
         self._stopped = False
 
     @property
@@ -134,26 +263,90 @@ class StopMatcher:
 
     def push(self, text: str) -> str:
         """Adds the next delta; returns the text that is now safe to emit."""
-        if self._stopped:
+        if self._stopped or not text:
             return ""
-        buf = self._held + text
-        # Every held position is still a possible stop start, so buf never begins with text
-        # that is known to be clear; only its last (longest stop - 1) positions can be undecided.
-        match = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        undecided = next(
-            (i for i in range(max(0, len(buf) - self._max_len + 1), len(buf))
-             if buf[i:] in self._prefixes),
-            len(buf),
-        )
-        if match >= 0 and match <= undecided:
-            # No earlier position can still turn into a stop: the match is the first one.
-            self._stopped = True
-            self._held = ""
-            return buf[:match]
-        self._held = buf[undecided:]
-        return buf[:undecided]
+        skip_to_first = self._skip_to_first
+        if skip_to_first is None:
+            return text  # no stops
+        chain, branch, forks, fail, depth, out = (
+            self._chain, self._branch, self._forks, self._fail, self._depth, self._out)
+        state, best, base = self._state, self._best, self._pos
+        self._chunks.append(text)
+        i, n = 0, len(text)
+        while i < n:
+            if state == 0:
+                found = skip_to_first(text, i)
+                if found is None:
+                    break
+                i = found.start()
+            code = ord(text[i])
+            while True:
+                if chain[state] == code:
+                    state += 1
+                    break
+                if forks[state]:
+                    nxt = branch.get((state << _CODE_BITS) | code)
+                    if nxt is not None:
+                        state = nxt
+                        break
+                if state == 0:
+                    break
+                state = fail[state]
+            i += 1
+            length = out[state]
+            if length and (best < 0 or base + i - length < best):
+                best = base + i - length
+            # The held text starts at base + i - depth[state]; no stop can start earlier.
+            if best >= 0 and best <= base + i - depth[state]:
+                self._stopped = True
+                return self._finish(best)
+        self._state, self._best, self._pos = state, best, base + n
+        return self._take(base + n - depth[state])
 
     def flush(self) -> str:
-        """At the end of the stream: the held text, which can no longer begin a stop."""
-        held, self._held = self._held, ""
-        return "" if self._stopped else held
+        """At the end of the stream: the held text up to a stop seen in it, else all of it.
+
+        A stop may already have been seen while an earlier-starting one could still complete;
+        at the end that one cannot, so the stream stops there (and `stopped` turns True).
+        """
+        if self._stopped:
+            return ""
+        if self._best >= 0:
+            self._stopped = True
+            return self._finish(self._best)
+        return self._finish(self._pos)
+
+    def _finish(self, end: int) -> str:
+        """Emits the held text up to absolute position `end` and starts afresh from there."""
+        text = self._take(end)
+        self._chunks.clear()
+        self._state, self._best, self._head = 0, -1, 0
+        self._pos = self._emitted = end
+        return text
+
+    def _take(self, end: int) -> str:
+        """Emits the held text up to absolute position `end`: O(its length) amortised."""
+        count = end - self._emitted
+        if count <= 0:
+            return ""
+        self._emitted = end
+        chunks, head = self._chunks, self._head
+        pieces = []
+        while count:
+            chunk = chunks[0]
+            left = len(chunk) - head
+            if left > count:
+                pieces.append(chunk[head:head + count])
+                head += count
+                break
+            pieces.append(chunk[head:] if head else chunk)
+            chunks.popleft()
+            count -= left
+            head = 0
+        if head and 2 * head > len(chunks[0]):
+            # Mostly emitted: keep only the held tail, so memory stays O(held text). The copy
+            # is shorter than what was emitted from this chunk since its last copy.
+            chunks[0] = chunks[0][head:]
+            head = 0
+        self._head = head
+        return pieces[0] if len(pieces) == 1 else "".join(pieces)

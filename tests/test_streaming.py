@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import random
+import time
+import tracemalloc
+from typing import Any, Callable, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -268,6 +271,8 @@ def test_stop_matcher_cuts_before_first_occurrence(case: tuple[str, list[str], l
         (["aab"], ["aaab"], "a"),
         (["abcd", "bc"], ["a", "b", "c", "d"], ""),  # earlier start wins over earlier end
         (["abcd", "bc"], ["a", "b", "c", "x"], "a"),
+        (["abcd", "bc"], ["a", "b", "c"], "a"),  # "bc" seen, "abcd" cannot come: flush cuts
+        (["abcd", "bc"], ["abc"], "a"),
         (["ab", "abc"], ["x", "a", "bc"], "x"),  # one stop a prefix of another
         (["<|user|>"], ["Hi<|us", "er|> next"], "Hi"),  # across chunk boundaries
         (["<|user|>"], ["Hi<|us", "e"], "Hi<|use"),  # released by flush: no stop came
@@ -299,3 +304,240 @@ def test_detokenizer_into_stop_matcher(tokenizer: ChatGLMTokenizer) -> None:
             break
     out += matcher.push(detok.flush()) + matcher.flush()
     assert out == "答案是：42 🤖" and matcher.stopped
+
+
+def test_stop_matcher_pending_match_at_flush() -> None:
+    # "bc" has been seen but "abcd", starting earlier, could still come: nothing is final yet.
+    # At the end it cannot, so flush cuts before "bc" and the stream counts as stopped.
+    matcher = StopMatcher(["abcd", "bc"])
+    assert [matcher.push(c) for c in "abc"] == ["", "", ""] and not matcher.stopped
+    assert matcher.flush() == "a" and matcher.stopped
+    assert matcher.push("bc") == "" and matcher.flush() == ""
+
+
+def test_stop_matcher_after_flush_starts_afresh() -> None:
+    matcher = StopMatcher(["ab"])
+    assert matcher.push("xa") == "x" and matcher.flush() == "a" and not matcher.stopped
+    # The held "a" was released, so it cannot pair with a "b" that comes after the flush.
+    assert matcher.push("b") == "b"
+    assert matcher.push("yab") == "y" and matcher.stopped and matcher.flush() == ""
+
+
+# --- StopMatcher: against references ------------------------------------------------------
+
+class QuadraticStopMatcher:
+    """The previous StopMatcher, kept as a reference: every prefix of every stop in a set.
+
+    Its push() is unchanged. Its flush() used to return all held text even when a stop had
+    already been seen in it (stops ["abcd", "bc"], pushes "a", "b", "c", flush gave "abc");
+    here it cuts there, as `StopMatcher` now does.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(s for s in stops if s))
+        self._max_len = max((len(s) for s in self.stops), default=0)
+        self._prefixes = frozenset(s[:k] for s in self.stops for k in range(1, len(s)))
+        self._held = ""
+        self.stopped = False
+
+    def _first_match(self, buf: str) -> int:
+        return min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+
+    def push(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self._held + text
+        match = self._first_match(buf)
+        undecided = next(
+            (i for i in range(max(0, len(buf) - self._max_len + 1), len(buf))
+             if buf[i:] in self._prefixes),
+            len(buf),
+        )
+        if match >= 0 and match <= undecided:
+            self.stopped = True
+            self._held = ""
+            return buf[:match]
+        self._held = buf[undecided:]
+        return buf[:undecided]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        if self.stopped:
+            return ""
+        match = self._first_match(held)
+        if match >= 0:
+            self.stopped = True
+            return held[:match]
+        return held
+
+
+def earliest_output(fed: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Reference for what may be out once `fed` has been pushed, and whether it stopped.
+
+    Everything before the first position that could still begin a stop (the rest of the text
+    being a proper prefix of one) is final, unless a stop already starts earlier or there.
+    """
+    stops = [s for s in stops if s]
+    live = next((i for i in range(len(fed))
+                 if any(len(fed) - i < len(s) and s.startswith(fed[i:]) for s in stops)),
+                len(fed))
+    first = min((fed.find(s) for s in stops if s in fed), default=len(fed) + 1)
+    return (fed[:first], True) if first <= live else (fed[:live], False)
+
+
+@st.composite
+def overlapping_stops(draw: Any) -> tuple[list[str], list[str]]:
+    """Stops and deltas over a tiny alphabet, so that occurrences overlap and nest often."""
+    alphabet = draw(st.sampled_from(["ab", "abc", "a中😀"]))
+    text = draw(st.text(alphabet=alphabet, max_size=40))
+    stops = draw(st.lists(
+        st.one_of(st.text(alphabet=alphabet, min_size=1, max_size=6), st.just("")),
+        min_size=1, max_size=5))
+    for _ in range(draw(st.integers(0, 3)) if text else 0):
+        # Stops that occur in the text, or that the text's end leaves unfinished (so that
+        # an earlier-starting stop is still live when the stream ends).
+        i = draw(st.integers(max(0, len(text) - 6), len(text) - 1))
+        if draw(st.booleans()):
+            stops.append(text[i:draw(st.integers(i + 1, len(text)))])
+        else:
+            stops.append(text[i:] + draw(st.text(alphabet=alphabet, min_size=1, max_size=3)))
+    cuts = sorted(draw(st.lists(st.integers(0, len(text)), max_size=12)))
+    return stops, [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+
+
+@SETTINGS
+@given(case=overlapping_stops())
+def test_stop_matcher_emits_as_early_as_possible(case: tuple[list[str], list[str]]) -> None:
+    stops, chunks = case
+    matcher, old = StopMatcher(stops), QuadraticStopMatcher(stops)
+    fed = emitted = ""
+    for chunk in chunks:
+        delta = matcher.push(chunk)
+        assert delta == old.push(chunk)
+        fed += chunk
+        emitted += delta
+        assert (emitted, matcher.stopped) == earliest_output(fed, stops)
+    tail = matcher.flush()
+    assert tail == old.flush()
+    assert emitted + tail == cut(fed, stops)
+    assert matcher.stopped == old.stopped == any(s and s in fed for s in stops)
+
+
+# --- StopMatcher: cost ----------------------------------------------------------------------
+# The old matcher put every prefix of every stop in a set: one 100,000-character stop took
+# 6-14 s and 4.7 GB. These bounds are generous; the quadratic version misses them by far.
+
+TIME_LIMIT_S = 2.0
+# tracemalloc peak while building the automaton, per stop character: about 17 measured (four
+# 4-byte ints and a 1-byte flag per trie node). The old matcher: 5,000 at 10k characters.
+BYTES_PER_STOP_CHAR = 80
+
+
+def construction_peak(stops: Sequence[str]) -> int:
+    """tracemalloc's peak while constructing a matcher for `stops`, in bytes."""
+    tracemalloc.start()
+    try:
+        StopMatcher(stops)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def assert_small_construction_is_linear() -> None:
+    """Checked before building huge matchers, so that a quadratic version fails here, fast,
+    rather than taking many GB (the old one needed about 20 GB for a 200,000-character stop)."""
+    stops = [noise(random.Random(0), 10_000)]
+    assert construction_peak(stops) < BYTES_PER_STOP_CHAR * 10_000
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def stream_in_tokens(matcher: StopMatcher, text: str, rng: random.Random) -> str:
+    """Pushes `text` in deltas of 1-8 characters, as a detokenizer would; returns the output."""
+    out, i = [], 0
+    while i < len(text) and not matcher.stopped:
+        n = rng.randint(1, 8)
+        out.append(matcher.push(text[i:i + n]))
+        i += n
+    return "".join(out) + matcher.flush()
+
+
+def noise(rng: random.Random, n: int) -> str:
+    return "".join(rng.choices("ab", k=n))
+
+
+@pytest.mark.parametrize("n_stops, stop_len", [(1, 10_000), (16, 2_000), (1, 100_000)])
+def test_stop_matcher_memory_is_linear(n_stops: int, stop_len: int) -> None:
+    # Smaller than below: tracemalloc traces every int the construction makes, 20-30x slower.
+    if n_stops * stop_len > 10_000:
+        assert_small_construction_is_linear()
+    stops = [noise(random.Random(i), stop_len) for i in range(n_stops)]
+    assert construction_peak(stops) < BYTES_PER_STOP_CHAR * stop_len * n_stops
+
+
+@pytest.mark.parametrize("n_stops, stop_len", [(1, 200_000), (16, 100_000)])
+def test_stop_matcher_long_stops_are_fast(n_stops: int, stop_len: int) -> None:
+    assert_small_construction_is_linear()
+    rng = random.Random(n_stops)
+    stops = [noise(rng, stop_len) for _ in range(n_stops)]
+    matcher, seconds = timed(lambda: StopMatcher(stops))
+    assert seconds < TIME_LIMIT_S
+    # About 1 MB of text over the stops' alphabet (failure links taken all the time), with an
+    # almost-match of the last stop (held back whole, then released) before a real one.
+    near_miss = stops[-1][:-1] + ("b" if stops[-1][-1] == "a" else "a")
+    text = noise(rng, 300_000) + near_miss + noise(rng, 200_000) + stops[0] + noise(rng, 100_000)
+    text += noise(rng, 1_000_000 - len(text))
+    out, seconds = timed(lambda: stream_in_tokens(matcher, text, rng))
+    assert seconds < TIME_LIMIT_S
+    assert out == cut(text, stops) and matcher.stopped
+
+
+class _CountingReads:
+    """Wraps a sequence and counts the reads, i.e. the failure links followed."""
+
+    def __init__(self, data: Sequence[int]) -> None:
+        self.data, self.reads = data, 0
+
+    def __getitem__(self, index: int) -> int:
+        self.reads += 1
+        return self.data[index]
+
+
+@pytest.mark.parametrize("stop_len", [1_000, 100_000])
+def test_stop_matcher_per_char_cost_is_flat(stop_len: int) -> None:
+    # A long stop that almost matches at every position: the held text stays stop_len
+    # characters long and every character ends one almost-match. Push one character at a time.
+    stop, n = "a" * stop_len + "b", max(100_000, 2 * stop_len)
+    if stop_len > 10_000:
+        assert_small_construction_is_linear()
+    matcher = StopMatcher([stop])
+    fail = matcher._fail = _CountingReads(matcher._fail)  # type: ignore[assignment]
+    out = []
+    start = time.perf_counter()
+    for i in range(n):
+        out.append(matcher.push("a"))
+        if i % 1_000 == 0:  # fail fast rather than wait for a slow version to finish
+            assert time.perf_counter() - start < TIME_LIMIT_S
+    assert out == [""] * stop_len + ["a"] * (n - stop_len)
+    assert matcher.flush() == "a" * stop_len and not matcher.stopped
+    # Each failure link shortens the live suffix and each character lengthens it by at most
+    # one, so there are fewer failure steps than characters, whatever the stop's length.
+    assert fail.reads <= n
+
+
+def test_stop_matcher_cost_does_not_grow_with_the_number_of_stops() -> None:
+    rng = random.Random(0)
+    stops = [noise(rng, 100) for _ in range(1_000)]
+    text = noise(rng, 100_000)
+    matcher = StopMatcher(stops)
+    out = []
+    start = time.perf_counter()
+    for i, char in enumerate(text):  # the old version scanned all 1,000 stops on every push
+        out.append(matcher.push(char))
+        if i % 1_000 == 0:
+            assert time.perf_counter() - start < TIME_LIMIT_S
+    assert "".join(out) + matcher.flush() == cut(text, stops)
