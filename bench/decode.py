@@ -63,7 +63,7 @@ def engine_streams(engine: Engine, streams: int, tokens: int,
     prompt = engine.tokenizer.build_chat_input([]) + engine.tokenizer.encode_text(PROMPT)
     start = time.perf_counter()
     settings = sampling or dict(temperature=0)
-    gens = [engine.generate(prompt, SamplingParams(max_tokens=tokens, seed=i, **settings))
+    gens = [engine.generate_ids(prompt, SamplingParams(max_tokens=tokens, seed=i, **settings))
             for i in range(streams)]
     samples: list[list[tuple[float, int]]] = [[] for _ in gens]
 

@@ -47,7 +47,7 @@ def peak_bandwidth(device: torch.device) -> tuple[str, float | None]:
 
 
 def greedy_ids(engine: Engine, prompt: list[int], tokens: int) -> list[int]:
-    gen = engine.generate(prompt, SamplingParams(max_tokens=tokens, temperature=0))
+    gen = engine.generate_ids(prompt, SamplingParams(max_tokens=tokens, temperature=0))
     gen.text()
     return gen.result.output_ids
 
@@ -131,7 +131,7 @@ def main() -> None:
         filler = tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * 4000)
         for n in args.ttft:
             ids = (prompt[:-1] + filler * (n // len(filler) + 1))[: n - 1] + prompt[-1:]
-            gen = engine.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+            gen = engine.generate_ids(ids, SamplingParams(max_tokens=1, temperature=0))
             gen.text()
             took = gen.result.time_to_first_token
             print(f"{n:<15}{took:>8.2f}{n / took:>15.0f}")

@@ -31,9 +31,9 @@ n, dtype = int(sys.argv[2]), getattr(torch, sys.argv[3])
 engine = Engine.from_pretrained(sys.argv[1], "cpu", dtype)
 text = engine.tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * (n // 8 + 1))
 ids = engine.encode([])[:-1] + text[: n - 3] + engine.encode([])[-1:]
-engine.generate(ids[:64], SamplingParams(max_tokens=1, temperature=0)).text()  # warm-up
+engine.generate_ids(ids[:64], SamplingParams(max_tokens=1, temperature=0)).text()  # warm-up
 base = hwm()
-gen = engine.generate(ids, SamplingParams(max_tokens=1, temperature=0))
+gen = engine.generate_ids(ids, SamplingParams(max_tokens=1, temperature=0))
 gen.text()
 cfg = engine.model.config
 kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * len(ids)

@@ -92,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the input's fault: shown as one line, never as a traceback."""
     from .checkpoint import CheckpointError
+    from .devices import DeviceError
     from .download import WeightsError
 
-    return (ValueError, OSError, WeightsError, CheckpointError)  # the rest are ValueErrors
+    return (ValueError, OSError, WeightsError, CheckpointError, DeviceError)
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -1,13 +1,32 @@
-"""Sampling settings and their limits (no heavy imports: the CLI checks them before loading)."""
+"""Sampling settings: their defaults and limits, in one place (no heavy imports: the CLI checks
+them before loading). The CLI, the Python API and the Cog schema all follow these; predict.py
+repeats them as literals (cog build's parser reads only literals) and a test keeps them equal.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+CONTEXT = 32768  # ChatGLM3-6B-32K's context window in tokens (seq_length in its config.json)
+
 # The official ChatGLM3 chat() defaults.
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.8
+DEFAULT_MAX_TOKENS = 2048
+
+MAX_TEMPERATURE = 5.0
+# Below this a temperature counts as 0 (greedy). Dividing fp32 logits by a tinier one
+# overflows (1e-300 is 0 in fp32), and from here down sampling is greedy in all but ties.
+GREEDY_BELOW_TEMPERATURE = 1e-4
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+# Seeds up to 2**53 - 1: integers a JSON client in JavaScript (the Replicate web UI) keeps exact,
+# and which a float64 schema bound states exactly.
+MAX_SEED = 2**53 - 1
+# Stop strings: a handful of short ones is what people use (OpenAI allows 4); each one held
+# back from the stream while it may still match, so its length is streaming latency too.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
 
 
 class SettingsError(ValueError):
@@ -16,9 +35,9 @@ class SettingsError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 is off."""
+    """How to pick tokens. temperature 0 (or top_p 0) is greedy; top_k 0 is off."""
 
-    max_tokens: int = 2048
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = 0
@@ -27,28 +46,58 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        """Checks every setting against its limit, naming the field; integral floats (4.0,
+        as JSON clients send them) become the integers they are."""
+
         def bad(name: str, limit: str) -> None:
             raise SettingsError(f"{name}: must be {limit}, got {getattr(self, name)!r}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            bad("max_tokens", "an integer >= 1")
-        if not _finite(self.temperature) or not 0 <= self.temperature <= 100:
-            bad("temperature", "between 0 and 100 (0 = greedy)")
-        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
-            bad("top_p", "greater than 0 and at most 1")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        for name in ("max_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                setattr(self, name, int(value))
+        if not _integer(self.max_tokens) or not 1 <= self.max_tokens <= CONTEXT:
+            bad("max_tokens", f"an integer from 1 to {CONTEXT} (it is cut to the room the "
+                              "prompt leaves in the context)")
+        if not _finite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            bad("temperature", f"from 0 to {MAX_TEMPERATURE:g} (below "
+                               f"{GREEDY_BELOW_TEMPERATURE:g} = greedy)")
+        if not _finite(self.top_p) or not 0 <= self.top_p <= 1:
+            bad("top_p", "from 0 to 1 (1 = off, 0 = greedy)")
+        if not _integer(self.top_k) or self.top_k < 0:
             bad("top_k", "an integer >= 0 (0 = off)")
-        if not _finite(self.repetition_penalty) or not 0 < self.repetition_penalty <= 100:
-            bad("repetition_penalty", "greater than 0 and at most 100 (1 = off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad("seed", "an integer between 0 and 2**63-1")
-        if not all(isinstance(s, str) for s in self.stop):
-            bad("stop", "a list of strings")
+        if (not _finite(self.repetition_penalty)
+                or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            bad("repetition_penalty", f"from {MIN_REPETITION_PENALTY:g} to "
+                                      f"{MAX_REPETITION_PENALTY:g} (1 = off)")
+        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            bad("seed", f"an integer from 0 to {MAX_SEED} (2**53-1)")
+        self._validate_stop()
+
+    def _validate_stop(self) -> None:
+        from .messages import check_text  # messages imports the tokenizer; only needed here
+
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise SettingsError("stop_sequences: must be a list of strings")
+        stops = [s for s in self.stop if s]
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise SettingsError(f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop strings, "
+                                f"got {len(stops)}")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_LENGTH:
+                raise SettingsError(f"stop_sequences[{i}]: at most {MAX_STOP_LENGTH} characters, "
+                                    f"got {len(s)}")
+            check_text(f"stop_sequences[{i}]", s)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Always the most likely token: temperature (nearly) 0, or top_p 0."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_p == 0
 
 
 def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

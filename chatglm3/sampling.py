@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from .params import SamplingParams
+from .params import MAX_SEED, SamplingParams
 
 
 class Sampler:
@@ -25,7 +25,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self.seed = params.seed if params.seed is not None else random.randrange(2**63)
+        self.seed = params.seed if params.seed is not None else random.randrange(MAX_SEED + 1)
         self.rng = random.Random(self.seed)  # draws on the host: no device op, no sync
         self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
                         if params.repetition_penalty != 1.0 else None)

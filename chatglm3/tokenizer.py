@@ -50,6 +50,12 @@ class ChatGLMTokenizer:
         self.stop_ids = frozenset(
             {EOS_ID, self.special_ids["<|user|>"], self.special_ids["<|observation|>"]}
         )
+        # No token covers more characters than its piece has (the normalizer only turns
+        # spaces into "▁", one for one; byte pieces cover at most one character), which
+        # bounds the token count of a text from below without tokenizing it.
+        self.max_piece_chars = max(
+            len(self.sp.id_to_piece(i)) for i in range(self.n_pieces)
+            if not (self.sp.is_byte(i) or self.sp.is_control(i) or self.sp.is_unknown(i)))
 
     @classmethod
     def from_dir(cls, model_dir: str | PathLike[str]) -> "ChatGLMTokenizer":
@@ -75,6 +81,12 @@ class ChatGLMTokenizer:
             + self.encode_text(f"{message.metadata}\n")
             + self.encode_text(content)
         )
+
+    def min_chat_tokens(self, messages: Sequence[Message]) -> int:
+        """A lower bound on len(build_chat_input(messages)), in O(number of messages): the
+        fixed tokens, plus the characters of the texts over the longest piece's length."""
+        chars = sum(len(m.content) + len(m.metadata) + 1 for m in messages)
+        return len(self.prefix_ids) + len(messages) + 1 + -(-chars // self.max_piece_chars)
 
     def build_chat_input(self, messages: Iterable[Message]) -> list[int]:
         """`[gMASK] sop`, each message, then `<|assistant|>` for the model to answer."""

@@ -30,7 +30,7 @@ def fixed(tiny_model_fp32, tokenizer):
 
 
 def run_all(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> list:
-    gens = [engine.generate(ids, SamplingParams(max_tokens=n, **GREEDY))
+    gens = [engine.generate_ids(ids, SamplingParams(max_tokens=n, **GREEDY))
             for ids, n in zip(prompts, lengths)]
     threads = [threading.Thread(target=g.text) for g in gens]
     for t in threads:
@@ -51,7 +51,7 @@ def test_buckets() -> None:
 def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
-    gen = fixed.generate(prompt["input_ids"], SamplingParams(max_tokens=len(expected), **GREEDY))
+    gen = fixed.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=len(expected), **GREEDY))
     gen.text()
     assert gen.result.output_ids == expected
 
@@ -95,7 +95,7 @@ def test_failed_recording_falls_back_to_eager(tiny_model_fp32, tokenizer, refere
     expected = prompt["greedy_generate"]["new_ids"]
     try:
         with caplog.at_level(logging.WARNING, logger="chatglm3.engine"):
-            gen = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+            gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
             gen.text()
         assert gen.result.output_ids == expected
         assert engine._fixed is None

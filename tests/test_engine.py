@@ -45,7 +45,7 @@ class ForwardCounter:
 def test_greedy_equals_official_generate(engine: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
-    gen = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=len(expected), **GREEDY))
+    gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=len(expected), **GREEDY))
     text = gen.text()
     assert gen.result.output_ids == expected
     assert text == engine.tokenizer.decode(expected)
@@ -112,10 +112,10 @@ def test_repetition_penalty_reaches_the_logits(engine: Engine, reference: dict) 
     """A penalty below 1 multiplies the (positive) logits of seen tokens: greedy then only
     repeats; the plain greedy continuation of this prompt repeats nothing."""
     ids = reference["prompts"][0]["input_ids"]
-    plain = engine.generate(ids, SamplingParams(max_tokens=12, **GREEDY))
+    plain = engine.generate_ids(ids, SamplingParams(max_tokens=12, **GREEDY))
     plain.text()
     assert not set(plain.result.output_ids) & set(ids)
-    repeating = engine.generate(ids, SamplingParams(max_tokens=12, repetition_penalty=0.02,
+    repeating = engine.generate_ids(ids, SamplingParams(max_tokens=12, repetition_penalty=0.02,
                                                     **GREEDY))
     repeating.text()
     assert repeating.result.output_ids != plain.result.output_ids
@@ -130,7 +130,7 @@ def test_stop_token_is_never_text(engine: Engine, reference: dict) -> None:
     tok = copy.copy(engine.tokenizer)
     tok.stop_ids = engine.tokenizer.stop_ids | {expected[6]}
     other = Engine(engine.model, tok)
-    gen = other.generate(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+    gen = other.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
     text = gen.text()
     other.close()
     assert gen.result.output_ids == expected[:6]
@@ -146,7 +146,7 @@ def test_stop_sequence_split_across_tokens(engine: Engine, reference: dict) -> N
     boundary = len(tok.decode(ids[:5]))  # a token boundary inside the text
     stop = full[boundary - 2 : boundary + 2]
     assert len(stop) == 4
-    gen = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=24, stop=["zzzz", stop],
+    gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, stop=["zzzz", stop],
                                                               **GREEDY))
     deltas = list(gen)
     assert "".join(deltas) == full[: full.index(stop)]
@@ -157,7 +157,7 @@ def test_stop_sequence_split_across_tokens(engine: Engine, reference: dict) -> N
 def test_prompt_too_long_names_both_counts(engine: Engine) -> None:
     ids = [64790, 64792] + [30910] * 32766
     with pytest.raises(PromptTooLong) as info:
-        engine.generate(ids, SamplingParams(max_tokens=1))
+        engine.generate_ids(ids, SamplingParams(max_tokens=1))
     assert info.value.prompt_tokens == 32768 and info.value.context == 32768
     assert "32768" in str(info.value) and "prompt" in str(info.value)
 
@@ -173,13 +173,16 @@ def test_max_tokens_cut_to_fit(engine: Engine, tokenizer) -> None:
     assert gen.result.output_token_count == 40 - n
     assert gen.result.stop_reason == "max_tokens"
     with pytest.raises(PromptTooLong):
-        small.generate(list(range(40)), SamplingParams())
+        small.generate_ids(list(range(40)), SamplingParams())
     small.close()
 
 
 def test_bad_settings_name_the_field(engine: Engine) -> None:
-    for field, value in [("max_tokens", 0), ("temperature", -1.0), ("top_p", 0.0),
-                         ("top_k", -3), ("repetition_penalty", 0.0), ("seed", -1)]:
+    for field, value in [("max_tokens", 0), ("max_tokens", 32769), ("max_tokens", 2.5),
+                         ("temperature", -1.0), ("temperature", 5.01), ("top_p", -0.1),
+                         ("top_p", 1.5), ("top_k", -3), ("top_k", 1.5),
+                         ("repetition_penalty", 0.0), ("repetition_penalty", 10.5),
+                         ("seed", -1), ("seed", 2**53), ("seed", 1.5)]:
         with pytest.raises(SettingsError, match=field):
             engine.generate(build_messages("x"), SamplingParams(**{field: value}))
 
@@ -206,7 +209,7 @@ def test_cancel_from_another_thread_stops_within_one_step(engine: Engine) -> Non
 def test_cancel_during_long_prefill(engine: Engine, tokenizer) -> None:
     ids = tokenizer.build_chat_input(build_messages("长文本 long text " * 2200))
     assert len(ids) > 8000
-    gen = engine.generate(ids, SamplingParams(max_tokens=5, **GREEDY))
+    gen = engine.generate_ids(ids, SamplingParams(max_tokens=5, **GREEDY))
     with ForwardCounter(engine.model) as counter:
         def cancel_after_first_chunk() -> None:
             counter.seen_first.wait(60)
@@ -233,7 +236,7 @@ def test_sixteen_thousand_token_prompt(engine: Engine, tokenizer) -> None:
     ids = tokenizer.build_chat_input(build_messages(text))
     ids = ids[:16000] + ids[-1:]
     assert len(ids) >= 16000
-    gen = engine.generate(ids, SamplingParams(max_tokens=3, **GREEDY))
+    gen = engine.generate_ids(ids, SamplingParams(max_tokens=3, **GREEDY))
     gen.text()
     assert gen.result.output_token_count == 3 and gen.result.input_token_count == len(ids)
 
@@ -245,11 +248,11 @@ def test_async_iteration_of_concurrent_requests(engine: Engine, reference: dict)
     prompts = [p["input_ids"] for p in reference["prompts"][:2]] * 3
     alone = []
     for ids in prompts[:2]:
-        gen = engine.generate(ids, SamplingParams(max_tokens=10, **GREEDY))
+        gen = engine.generate_ids(ids, SamplingParams(max_tokens=10, **GREEDY))
         alone.append(gen.text())
 
     async def consume(ids: list[int]) -> str:
-        gen = engine.generate(ids, SamplingParams(max_tokens=10, **GREEDY))
+        gen = engine.generate_ids(ids, SamplingParams(max_tokens=10, **GREEDY))
         return "".join([delta async for delta in gen])
 
     async def main() -> list[str]:
@@ -262,7 +265,7 @@ def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, refe
     """Requests of different prompt lengths decode in one batch, joining and leaving it at
     different times, and each still gives the official greedy continuation."""
     prompts = reference["prompts"]
-    gens = [engine.generate(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
+    gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
             for p, n in zip(prompts, (24, 12, 18))]
     results = [None] * len(gens)
     threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, gens[i].text()))
@@ -277,7 +280,7 @@ def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, refe
 
 def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dict) -> None:
     prompt = reference["prompts"][0]
-    keep = engine.generate(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+    keep = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
     drop = engine.generate(build_messages("stop me"), SamplingParams(max_tokens=2000, **GREEDY))
     it = iter(drop)
     next(it)

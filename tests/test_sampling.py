@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from chatglm3.params import SamplingParams
+from chatglm3.params import GREEDY_BELOW_TEMPERATURE, SamplingParams
 from chatglm3.sampling import Sampler, pick
 
 VOCAB = 12
@@ -56,7 +56,7 @@ def test_draws_follow_the_warpers_distribution(settings: dict) -> None:
 def test_greedy_top_k_one_and_tiny_top_p_are_argmax() -> None:
     logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
     settings = [dict(temperature=0), dict(temperature=0, seed=3), dict(top_k=1, temperature=5),
-                dict(top_p=1e-9), dict(top_p=1e-9, temperature=100), dict(top_k=1, top_p=0.5)]
+                dict(top_p=1e-9), dict(top_p=1e-9, temperature=5), dict(top_k=1, top_p=0.5)]
     samplers = [Sampler(SamplingParams(**s)) for s in settings]
     assert pick(logits, samplers, [None] * 6) == logits.argmax(-1).tolist()
 
@@ -89,3 +89,36 @@ def test_repetition_penalty_only_on_its_row() -> None:
     assert pick(logits, [penalised, plain], [history, None]) == [1, 0]
     expected = RepetitionPenaltyLogitsProcessor(1.5)(history, logits[:1].clone()).argmax(-1)
     assert expected.item() == 1
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300, 1e-45, 1e-38, 1e-10, 9.99e-5])
+def test_temperatures_below_the_threshold_are_greedy(temperature: float) -> None:
+    """Every temperature the limits accept behaves: the tiniest (denormals included; in fp32 they
+    are 0, and dividing by them overflows) are greedy whatever the seed."""
+    assert temperature < GREEDY_BELOW_TEMPERATURE
+    params = SamplingParams(temperature=temperature, top_p=1.0)
+    params.validate()
+    assert params.greedy
+    logits = torch.randn(16, 5000, generator=torch.Generator().manual_seed(3)) * 4
+    samplers = [Sampler(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
+                for s in range(16)]
+    assert pick(logits, samplers, [None] * 16) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [GREEDY_BELOW_TEMPERATURE, 1e-3, 0.05, 1.0, 5.0])
+def test_temperatures_from_the_threshold_up_sample_finite_distributions(temperature) -> None:
+    """From the threshold up, sampling is computed stably: the scaled scores stay finite even for
+    extreme logits, every draw is a real token, and near the threshold the top token wins
+    (unless its lead is tiny)."""
+    logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(4)) * 30
+    logits[:, 0] = logits.max() + 1.0  # a clear winner in every row
+    samplers = [Sampler(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
+                for s in range(64)]
+    assert not SamplingParams(temperature=temperature).greedy
+    tokens = pick(logits, samplers, [None] * 64)
+    assert all(0 <= t < 5000 for t in tokens)
+    if temperature <= 0.05:  # a lead of >= 1 over temperature 0.05: e^-20 for the runner-up
+        assert tokens == [0] * 64
+    flat = torch.randn(1, 5000, generator=torch.Generator().manual_seed(5)).expand(64, -1)
+    spread = len(set(pick(flat, samplers, [None] * 64)))
+    assert spread > 8 if temperature >= 1.0 else spread < 8  # hot draws spread, cold ones don't
