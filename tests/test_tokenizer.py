@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatglm3.messages import build_messages, parse_history
 from chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, Message
@@ -100,3 +102,28 @@ def test_system_prompt_and_metadata(tokenizer: ChatGLMTokenizer) -> None:
     assert ids[:3] == [64790, 64792, 64794]
     with_meta = tokenizer.encode_message(Message("assistant", "x", metadata="tool"))
     assert with_meta[:1] == [64796] and tokenizer.decode(with_meta[1:]).startswith("tool\n")
+
+
+def test_longest_piece_is_sixteen_characters(tokenizer: ChatGLMTokenizer) -> None:
+    """The bound that lets a too-long prompt be refused without tokenizing it."""
+    assert tokenizer.max_piece_chars == 16
+
+
+_TEXT = st.lists(st.sampled_from(list("ab ▁\t\n中文字😀é\u0301ﬁＡ\u3000\r") + ["hello ", "  "]),
+                max_size=120).map("".join) | st.text(max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts=st.lists(st.tuples(_TEXT, _TEXT), min_size=1, max_size=4))
+def test_min_chat_tokens_never_exceeds_the_real_count(tokenizer: ChatGLMTokenizer, texts) -> None:
+    messages = [Message("user" if i % 2 == 0 else "assistant", content, metadata)
+                for i, (content, metadata) in enumerate(texts)]
+    assert tokenizer.min_chat_tokens(messages) <= len(tokenizer.build_chat_input(messages))
+
+
+def test_min_chat_tokens_is_tight_for_the_longest_pieces(tokenizer: ChatGLMTokenizer) -> None:
+    longest = next(tokenizer.sp.id_to_piece(i) for i in range(tokenizer.n_pieces)
+                   if len(tokenizer.sp.id_to_piece(i)) == 16 and "▁" not in tokenizer.sp.id_to_piece(i))
+    messages = [Message("user", longest * 100)]
+    real = len(tokenizer.build_chat_input(messages))
+    assert tokenizer.min_chat_tokens(messages) <= real <= tokenizer.min_chat_tokens(messages) + 3
