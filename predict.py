@@ -1,27 +1,28 @@
-"""Cog entry point: a thin adapter from Cog's HTTP inputs to `chatglm3.engine.Engine`.
+"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine`.
 
 The work (weights, tokenizer, batching, sampling, stop strings, limits) lives in `chatglm3/`;
-this file only maps inputs, streams the engine's text deltas and records metrics.
+this file maps inputs, streams the engine's text deltas and records metrics.
 
-How run() is shaped, and why (coglet 0.23.1, the server inside the image):
-  * more than one prediction at a time needs an `async def` run();
-  * but coglet collects an async *generator* into a list and sends it when it ends, so nothing
-    would stream; what it streams item by item is a plain generator. So run() is a coroutine
-    that checks the request, queues it in the engine and returns a plain generator, which
-    coglet drains in the prediction's own slot thread (blocking there, not on the event loop);
-  * coglet cancels an async prediction only through the future of that coroutine, which is
-    already done by then. `_relay_cancel()` makes that cancel() also stop the engine's
-    generation (see there); a CancelationException or a closed generator stops it as well;
-  * the generator runs in a copy of the coroutine's context, which carries this prediction's
-    log and metric routing (coglet keeps them in context variables).
+`cog build` writes the image's input schema with a static parser that never imports this file
+(cog 0.23.1, pkg/schema/python/): it reads only literal decorator arguments and bounds, and
+defaults and descriptions that are literals or constants of this module bound to one plain
+literal, taking strings as the raw text between their quotes. So every value below is spelled
+out here, although chatglm3.params holds the same defaults and limits: tests/test_cog_static.py
+keeps this file inside that subset and its values equal to chatglm3's.
+
+run() is a coroutine that returns a plain generator: more than one prediction at a time needs
+an async run(), but coglet 0.23.1 streams only plain generators (it collects async ones);
+chatglm3.coglet_cancel explains how cancel still reaches the engine.
 
 Environment (besides what chatglm3.download reads: CHATGLM3_REVISION, CHATGLM3_WEIGHTS_DIR,
 HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE):
   COG_WEIGHTS          checkpoint: a directory, hub repo id "owner/name[@rev]" or .tar URL
                        (Cog passes it to setup(weights=...); unset = the default hub repo)
-  COG_MAX_CONCURRENCY  predictions at once = the engine's batch size (default CONCURRENCY)
-  CHATGLM3_DEVICE      auto | cpu | cuda (default auto)
+  COG_MAX_CONCURRENCY  predictions at once = the engine's batch size (cog build bakes in the
+                       @cog.concurrent max)
+  CHATGLM3_DEVICE      auto | cpu | cuda (cog.yaml sets cuda: no silent CPU fallback)
   CHATGLM3_DTYPE       auto | float16 | bfloat16 | float32 (default auto: fp16 on GPU)
+  CHATGLM3_DECODE_STEP auto | eager | graphs
 """
 
 from __future__ import annotations
@@ -31,33 +32,20 @@ import contextvars
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import cog
 from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 
+from chatglm3 import coglet_cancel
+from chatglm3.devices import resolve_device
 from chatglm3.download import resolve_weights
 from chatglm3.engine import Engine, Generation
 from chatglm3.messages import build_messages
-from chatglm3.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
+from chatglm3.params import SamplingParams
 
-CONCURRENCY = 8  # keep equal to cog.yaml's concurrency.max (tests/test_cog_schema.py checks)
-CONTEXT = 32768  # ChatGLM3-6B-32K's context window, in tokens
-SEED_MAX = 2**63 - 1
-
-HISTORY_HELP = (
-    "Earlier turns as JSON text, oldest first; empty = none. Either a list of messages "
-    '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", '
-    '"metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; '
-    'only a first system message may carry "tools"), or a list of [question, answer] pairs '
-    '[["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item.'
-)
-STOP_HELP = (
-    "Comma-separated strings that end the answer where they first appear (they are not part "
-    "of the output), e.g. 'Observation:,User:'. Escapes: \\, is a comma inside a stop "
-    "string, \\n a newline, \\t a tab, \\\\ a backslash; anything else, spaces included, "
-    "is kept as typed. Empty = none (the model's own end tokens always stop it)."
-)
+HISTORY_HELP = 'Earlier turns as JSON text, oldest first; empty = none. Either a list of messages [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; a system message may only come first), or a list of [question, answer] pairs [["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item. At most 8388608 characters and 32 levels of nesting.'
+STOP_HELP = r"Comma-separated strings that end the answer where they first appear (they are not part of the output), e.g. 'Observation:,User:'. Escapes: \, is a comma inside a stop string, \n a newline, \t a tab, \\ a backslash; anything else, spaces included, is kept as typed. At most 16 strings of at most 256 characters. Empty = none (the model's own end tokens always stop it)."
 
 
 def parse_stop_sequences(text: str) -> list[str]:
@@ -83,162 +71,99 @@ def parse_stop_sequences(text: str) -> list[str]:
     return [s for s in items if s]
 
 
-def _concurrency() -> int:
+def _batch_size() -> int:
+    """COG_MAX_CONCURRENCY, which cog build sets from @cog.concurrent(max=...)."""
     raw = os.environ.get("COG_MAX_CONCURRENCY", "").strip()
+    declared = Predictor.run.__cog_concurrent_max__
     try:
-        return max(1, int(raw)) if raw else CONCURRENCY
+        return max(1, int(raw)) if raw else declared
     except ValueError:
-        print(f"COG_MAX_CONCURRENCY={raw!r} is not an integer; using {CONCURRENCY}", flush=True)
-        return CONCURRENCY
-
-
-# Cancel callbacks of the prediction whose coroutine is being submitted (see _relay_cancel).
-_CANCEL_HOOKS: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(
-    "chatglm3_cancel_hooks", default=None)
-
-
-def _relay_cancel() -> None:
-    """Lets a cancel request reach a prediction whose run() coroutine has already returned.
-
-    coglet submits each async prediction with `asyncio.run_coroutine_threadsafe(coro, loop)` and
-    cancels it with `future.cancel()` on the future that returns; once run() has returned its
-    generator that future is done and cancel() does nothing. Wrapped here (once per process):
-    each future gets a list of callbacks, visible to run() through a context variable (the task
-    running the coroutine starts from a copy of the submitting thread's context), and its
-    cancel() calls them before doing what it did. If a coglet version submits another way, the
-    hooks stay unset and nothing else changes.
-    """
-    original = asyncio.run_coroutine_threadsafe
-    if getattr(original, "_chatglm3_relay", False):
-        return
-
-    def run_coroutine_threadsafe(coro, loop):
-        hooks: list[Callable[[], object]] = []
-        token = _CANCEL_HOOKS.set(hooks)
-        try:
-            future = original(coro, loop)
-        finally:
-            _CANCEL_HOOKS.reset(token)
-        plain_cancel = future.cancel
-
-        def cancel() -> bool:
-            for hook in list(hooks):
-                hook()
-            return plain_cancel()
-
-        future.cancel = cancel
-        return future
-
-    run_coroutine_threadsafe._chatglm3_relay = True  # type: ignore[attr-defined]
-    asyncio.run_coroutine_threadsafe = run_coroutine_threadsafe
-
-
-def _in_context(ctx: contextvars.Context, items: Iterator[str]) -> Iterator[str]:
-    """`items`, with every step (and the final close) run inside `ctx`."""
-    try:
-        while True:
-            try:
-                item = ctx.run(next, items)
-            except StopIteration:
-                return
-            yield item
-    finally:
-        ctx.run(items.close)
+        print(f"COG_MAX_CONCURRENCY={raw!r} is not an integer; using {declared}", flush=True)
+        return declared
 
 
 class Predictor(BaseRunner):
     def setup(self, weights: Optional[str] = None) -> None:
-        """Fetches/verifies the checkpoint, loads it, and runs a 2-token warm-up."""
-        _relay_cancel()
+        """Checks the device, fetches/verifies the checkpoint, loads it, warms up; logs each
+        part's time. Without a usable GPU (cog.yaml asks for cuda) it fails at once."""
         t0 = time.perf_counter()
-        source = weights or None
-        print(f"weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source, progress=sys.stderr.isatty())
+        coglet_cancel.install()
+        warning = coglet_cancel.check_coglet_version()
+        if warning:
+            print(f"warning: {warning}", flush=True)
+        device = resolve_device(os.environ.get("CHATGLM3_DEVICE", "auto"))
         t1 = time.perf_counter()
-        max_batch = _concurrency()
-        self.engine = Engine.from_pretrained(
-            path,
-            device=os.environ.get("CHATGLM3_DEVICE", "auto"),
-            dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
-            max_batch=max_batch,
-            decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
-        )
+        source = weights or None
+        print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
+        path = resolve_weights(source, progress=sys.stderr.isatty())
         t2 = time.perf_counter()
-        warm = self.engine.generate(build_messages("你好"), SamplingParams(max_tokens=2, temperature=0.0))
+        batch = _batch_size()
+        self.engine = Engine.from_pretrained(
+            path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
+            max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"))
+        t3 = time.perf_counter()
+        warm = self.engine.generate(build_messages("你好"),
+                                    SamplingParams(max_tokens=2, temperature=0.0))
         warm.text()
+        t4 = time.perf_counter()
         param = next(self.engine.model.parameters())
-        print(
-            f"ready: {path} on {param.device} ({param.dtype}), batch {max_batch}; "
-            f"weights {t1 - t0:.1f}s, load {t2 - t1:.1f}s, warm-up {time.perf_counter() - t2:.2f}s",
-            flush=True,
-        )
+        print(f"ready: {path} on {param.device} ({param.dtype}), batch {batch}; "
+              f"device check {t1 - t0:.1f}s, weights (fetch + verify) {t2 - t1:.1f}s, "
+              f"load {t3 - t2:.1f}s, warm-up {t4 - t3:.2f}s, total {t4 - t0:.1f}s", flush=True)
 
     @cog.streaming
-    @cog.concurrent(max=CONCURRENCY)
+    @cog.concurrent(max=8)
     async def run(
         self,
         prompt: str = Input(description="The user's message."),
         system_prompt: str = Input(
-            default="",
-            description="System message that opens the conversation; empty = none.",
-        ),
-        history: str = Input(default="", description=HISTORY_HELP),
+            default="", description="System message that opens the conversation; empty = none."),
+        history: str = Input(default="", max_length=8388608, description=HISTORY_HELP),
         max_tokens: int = Input(
-            default=2048, ge=1, le=CONTEXT,
-            description=f"Most tokens to generate. Cut (with a log line) to what the "
-                        f"{CONTEXT}-token context has left after the prompt.",
-        ),
+            default=2048, ge=1, le=32768,
+            description="Most tokens to generate. Cut (with a log line) to what the 32768-token context has left after the prompt."),
         temperature: float = Input(
-            default=DEFAULT_TEMPERATURE, ge=0.0, le=5.0,
-            description="Sampling temperature; 0 = greedy (always the most likely token).",
-        ),
+            default=0.8, ge=0.0, le=5.0,
+            description="Sampling temperature; 0 (or below 0.0001) = greedy: always the most likely token."),
         top_p: float = Input(
-            default=DEFAULT_TOP_P, ge=0.0, le=1.0,
-            description="Nucleus sampling: keep the most likely tokens whose probabilities add "
-                        "up to top_p; 1 = off; 0 = only the most likely token (greedy).",
-        ),
-        top_k: int = Input(
-            default=0, ge=0,
-            description="Keep only the k most likely tokens; 0 = off.",
-        ),
+            default=0.8, ge=0.0, le=1.0,
+            description="Nucleus sampling: keep the most likely tokens whose probabilities add up to top_p; 1 = off; 0 = only the most likely token (greedy)."),
+        top_k: int = Input(default=0, ge=0, description="Keep only the k most likely tokens; 0 = off."),
         repetition_penalty: float = Input(
             default=1.0, ge=0.01, le=10.0,
-            description="Penalty for tokens already in the conversation; 1 = off, above 1 "
-                        "repeats less.",
-        ),
+            description="Penalty for tokens already in the conversation; 1 = off, above 1 repeats less."),
         seed: Optional[int] = Input(
-            default=None, ge=0, le=SEED_MAX,
-            description="Random seed for sampling; leave out for a random one (the seed used "
-                        "is in the logs).",
-        ),
-        stop_sequences: str = Input(default="", description=STOP_HELP),
+            default=None, ge=0, le=9007199254740991,
+            description="Random seed for sampling; leave out for a random one (the seed used is in the logs)."),
+        stop_sequences: str = Input(default="", max_length=16384, description=STOP_HELP),
     ) -> ConcatenateIterator[str]:
-        temperature, top_p = float(temperature), float(top_p)
-        if top_p == 0.0:  # the limit of nucleus sampling: only the top token remains
-            temperature, top_p = 0.0, 1.0
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            repetition_penalty=float(repetition_penalty), seed=seed,
-            stop=parse_stop_sequences(stop_sequences),
-        )
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
         try:
-            messages = build_messages(prompt, system_prompt or None, history or None)
-            gen = self.engine.generate(messages, params)
+            # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
+            # predictions start meanwhile. A cancel here leaves nothing queued.
+            ids = await asyncio.to_thread(self._prepare, prompt, system_prompt, history,
+                                          stop_sequences, params)
+            gen = self.engine.generate_ids(ids, params)
         except ValueError as e:  # HistoryError, SettingsError, PromptTooLong: say what and why
             raise ValueError(str(e)) from None
 
         r = gen.result
         self.record_metric("input_token_count", r.input_token_count)
         if r.max_tokens_cut:
-            print(
-                f"max_tokens cut from {max_tokens} to {r.max_tokens}: the prompt is "
-                f"{r.input_token_count} tokens of the {self.engine.context}-token context",
-                flush=True,
-            )
-        hooks = _CANCEL_HOOKS.get()
-        if hooks is not None:
-            hooks.append(gen.cancel)
-        return _in_context(contextvars.copy_context(), self._stream(gen))
+            print(f"max_tokens cut from {max_tokens} to {r.max_tokens}: the prompt is "
+                  f"{r.input_token_count} tokens of the {self.engine.context}-token context",
+                  flush=True)
+        coglet_cancel.on_cancel(gen.cancel)
+        return coglet_cancel.in_context(contextvars.copy_context(), self._stream(gen))
+
+    def _prepare(self, prompt: str, system_prompt: str, history: str, stop_sequences: str,
+                 params: SamplingParams) -> list[int]:
+        """Checks the settings and the conversation and tokenizes it (in a worker thread)."""
+        params.stop = parse_stop_sequences(stop_sequences)
+        params.validate()
+        messages = build_messages(prompt, system_prompt or None, history or None)
+        return self.engine.encode(messages)
 
     def _stream(self, gen: Generation) -> Iterator[str]:
         """The text deltas (coglet pulls them in the slot's thread), then the metrics."""
@@ -259,8 +184,6 @@ class Predictor(BaseRunner):
         self.record_metric("output_token_count", r.output_token_count)
         self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
         self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))
-        print(
-            f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
-            f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
-            flush=True,
-        )
+        print(f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
+              f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
+              flush=True)

@@ -2,11 +2,14 @@
 """Writes .cog/openapi_schema.json from predict.py, without the Go `cog` CLI or Docker.
 
 The local Cog server (coglet) validates inputs and allows SSE streaming only through this file
-(read from the server's working directory), and cog 0.23's Python SDK ships no generator: the Go
-CLI writes it at `cog build`. This script uses the SDK's own introspection (the code coglet uses
-to load the predictor) and emits the same OpenAPI 3.0.2 layout as the CLI: components Input,
-Output, PredictionRequest/Response, and paths./predictions.post["x-cog-streaming"] when run()
-carries @cog.streaming. predict.py is imported (torch too) but setup() is not run.
+(read from the server's working directory); in the image, `cog build` writes it with its static
+parser (scripts/cog_static.py restates its rules). This script reads predict.py both ways: the
+values as cog build's parser sees them (cog_static) and the types through the SDK's own
+introspection (the code coglet uses to load the predictor; predict.py is imported, setup() is
+not run). It refuses to write anything while the two disagree (a name in le=, an imported
+default, an escape in a description...), so the committed file is the one the image serves. It
+emits the CLI's OpenAPI 3.0.2 layout (pkg/schema/openapi_spec.go): components Input, Output,
+PredictionRequest/Response, and paths./predictions.post["x-cog-streaming"] for @cog.streaming.
 
 usage (from anywhere; paths are relative to the repository):
   .venv/bin/python scripts/cog_schema.py            # (re)write .cog/openapi_schema.json
@@ -17,7 +20,6 @@ usage (from anywhere; paths are relative to the repository):
 from __future__ import annotations
 
 import argparse
-import ast
 import difflib
 import json
 import sys
@@ -25,6 +27,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cog_static  # noqa: E402 - beside this script
 DEFAULT_REF = "predict.py:Predictor"
 SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
 
@@ -33,50 +37,45 @@ def _title(name: str) -> str:
     return " ".join(part.capitalize() for part in name.split("_") if part)
 
 
-def _has_streaming_decorator(source: Path, cls: str) -> bool:
-    """Whether cls.run()/predict() is decorated with @streaming / @cog.streaming (as the CLI checks)."""
-    for node in ast.walk(ast.parse(source.read_text())):
-        if not (isinstance(node, ast.ClassDef) and node.name == cls):
-            continue
-        for fn in node.body:
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and fn.name in ("run", "predict"):
-                for deco in fn.decorator_list:
-                    target = deco.func if isinstance(deco, ast.Call) else deco
-                    name = target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")
-                    if name == "streaming":
-                        return True
-    return False
+class StaticMismatch(ValueError):
+    """predict.py says something cog build's parser would read differently."""
 
 
-def _input_property(field, adt) -> tuple[dict, bool]:
-    """(OpenAPI property, required?) for one predictor input."""
-    ft = field.type
-    prop: dict = {"x-order": field.order}
-    if field.choices:
-        prop["allOf"] = [{"$ref": f"#/components/schemas/{field.name}"}]
+def _go_number(value: float | int) -> float | int:
+    """A float64 as Go's encoding/json prints it: integral values without a fraction."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _input_property(static: cog_static.StaticInput, field, adt) -> tuple[dict, bool]:
+    """(OpenAPI property, required?) for one input, by the rules of buildInputSchema."""
+    ft, kw = field.type, static.keywords
+    prop: dict = {"x-order": static.order}
+    if kw.get("choices"):
+        prop["allOf"] = [{"$ref": f"#/components/schemas/{static.name}"}]
     else:
-        prop["title"] = _title(field.name)
+        prop["title"] = _title(static.name)
         prop.update(ft.json_type())
     nullable = ft.repetition in (adt.Repetition.OPTIONAL, adt.Repetition.OPTIONAL_REPEATED)
-    if (ft.primitive is adt.PrimitiveType.SECRET and ft.repetition is adt.Repetition.REQUIRED
-            and field.default is None):  # `x: Secret = Input(default=None)`: an optional secret
-        nullable = True
-    has_default = field.default is not None
-    required = not has_default and not nullable
+    has_default = "default" in kw
+    if ft.primitive is adt.PrimitiveType.SECRET and has_default and kw["default"] is None:
+        nullable = True  # `x: Secret = Input(default=None)`: an optional secret
+    if has_default and kw["default"] is None and not nullable:
+        has_default = False  # "no default; made at run time" (e.g. a seed)
+    required = not has_default and ft.repetition in (adt.Repetition.REQUIRED,
+                                                     adt.Repetition.REPEATED)
     if has_default:
-        prop["default"] = ft.json_encode(field.default)
+        default = kw["default"]
+        prop["default"] = _go_number(default) if isinstance(default, float) else default
     if nullable:
         prop["nullable"] = True
-    if field.description is not None:
-        prop["description"] = field.description
-    integer = ft.primitive is adt.PrimitiveType.INTEGER
-    for key, value in (("minimum", field.ge), ("maximum", field.le), ("minLength", field.min_length),
-                       ("maxLength", field.max_length), ("pattern", field.regex)):
-        if value is not None:
-            if key in ("minimum", "maximum") and integer and not isinstance(value, int):
-                value = int(value) if float(value).is_integer() else value  # 5.0 -> 5, exactly
-            prop[key] = value
-    if field.deprecated:
+    for key, out in (("description", "description"), ("ge", "minimum"), ("le", "maximum"),
+                     ("min_length", "minLength"), ("max_length", "maxLength"),
+                     ("regex", "pattern"), ("accept", "x-cog-accept")):
+        if key in kw:
+            value = kw[key]
+            prop[out] = int(value) if key.endswith("length") else (
+                _go_number(value) if isinstance(value, float) else value)
+    if kw.get("deprecated"):
         prop["deprecated"] = True
     return prop, required
 
@@ -93,15 +92,25 @@ def build_schema(ref: str = DEFAULT_REF) -> dict:
         warnings.simplefilter("ignore", DeprecationWarning)
         info = create_predictor(source.stem, cls)
 
+    problems = cog_static.problems(source, cls)
+    if problems:
+        raise StaticMismatch("cog build would read predict.py differently:\n  "
+                             + "\n  ".join(problems))
+    static = cog_static.read_predictor(source, cls)
+    if [item.name for item in static.inputs] != list(info.inputs):
+        raise StaticMismatch(f"inputs differ: {[i.name for i in static.inputs]} (static) vs "
+                             f"{list(info.inputs)} (imported)")
+
     properties, required, enums = {}, [], {}
-    for name, field in sorted(info.inputs.items(), key=lambda kv: kv[1].order):
-        properties[name], is_required = _input_property(field, adt)
+    for item in static.inputs:
+        field = info.inputs[item.name]
+        properties[item.name], is_required = _input_property(item, field, adt)
         if is_required:
-            required.append(name)
-        if field.choices:
-            enums[name] = {"title": name, "description": "An enumeration.",
-                           "enum": list(field.choices),
-                           "type": field.type.primitive.json_type().get("type", "string")}
+            required.append(item.name)
+        if item.keywords.get("choices"):
+            enums[item.name] = {"title": item.name, "description": "An enumeration.",
+                                "enum": list(item.keywords["choices"]),
+                                "type": field.type.primitive.json_type().get("type", "string")}
     input_schema: dict = {"title": "Input", "type": "object", "properties": properties}
     if required:
         input_schema["required"] = required
@@ -123,7 +132,7 @@ def build_schema(ref: str = DEFAULT_REF) -> dict:
             "422": invalid,
         },
     }
-    if _has_streaming_decorator(source, cls):
+    if static.streaming:
         predict_op["x-cog-streaming"] = True
 
     def string(title: str, **extra) -> dict:
@@ -182,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="write nothing; exit 1 if the output file differs from a fresh schema")
     args = ap.parse_args(argv)
-    text = render(args.ref)
+    try:
+        text = render(args.ref)
+    except StaticMismatch as e:
+        print(e, file=sys.stderr)
+        return 1
     out = Path(args.output)
     if args.check:
         old = out.read_text() if out.is_file() else ""

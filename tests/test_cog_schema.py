@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
+import os
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import ROOT
 
@@ -60,47 +59,14 @@ def test_streaming_and_output(schema: dict) -> None:
     }
 
 
-def test_inputs(schema: dict) -> None:
-    inputs = schema["components"]["schemas"]["Input"]
-    props = inputs["properties"]
-    assert inputs["required"] == ["prompt"]
-    assert [name for name, _ in sorted(props.items(), key=lambda kv: kv[1]["x-order"])] == [
-        "prompt", "system_prompt", "history", "max_tokens", "temperature", "top_p", "top_k",
-        "repetition_penalty", "seed", "stop_sequences"]
-    expected = {  # name: (type, default, minimum, maximum)
-        "system_prompt": ("string", "", None, None),
-        "history": ("string", "", None, None),
-        "max_tokens": ("integer", 2048, 1, 32768),
-        "temperature": ("number", 0.8, 0, 5),
-        "top_p": ("number", 0.8, 0, 1),
-        "top_k": ("integer", 0, 0, None),
-        "repetition_penalty": ("number", 1.0, 0.01, 10),
-        "stop_sequences": ("string", "", None, None),
-    }
-    for name, (kind, default, lo, hi) in expected.items():
-        p = props[name]
-        assert (p["type"], p["default"], p.get("minimum"), p.get("maximum")) == (kind, default, lo, hi), name
-    seed = props["seed"]
-    assert seed["type"] == "integer" and seed["nullable"] is True and "default" not in seed
-    assert seed["minimum"] == 0 and seed["maximum"] >= 2**63 - 1
-    for name, p in props.items():
-        assert p.get("description"), f"{name} has no description"
-    assert "[[" in props["history"]["description"] and '"role"' in props["history"]["description"]
-    assert "\\," in props["stop_sequences"]["description"]
-
-
-def test_cog_yaml_matches_predictor() -> None:
-    cfg = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    build = cfg["build"]
-    assert build["gpu"] is True and build["python_version"] == "3.11"
-    assert build["python_requirements"] == "requirements.txt"
-    assert cfg["predict"] == "predict.py:Predictor"
-    requirements = (ROOT / "requirements.txt").read_text()
-    assert re.search(rf"^cog=={re.escape(build['sdk_version'])}$", requirements, re.M)
-    torch_pin = re.search(r"^torch==(\S+)$", requirements, re.M).group(1)
-    assert torch_pin == "2.13.0" and build["cuda"] == "13.0"  # the CUDA the PyPI torch wheel uses
-
-    import predict
-
-    assert cfg["concurrency"]["max"] == predict.CONCURRENCY >= 8
-    assert predict.Predictor.run.__cog_concurrent_max__ == predict.CONCURRENCY
+def test_generator_refuses_what_cog_build_would_read_differently(tmp_path) -> None:
+    broken = tmp_path / "predict.py"
+    broken.write_text((ROOT / "predict.py").read_text().replace("le=32768", "le=CONTEXT")
+                      .replace("\nclass Predictor", "\nCONTEXT = 32768\n\nclass Predictor", 1))
+    out = tmp_path / "schema.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "cog_schema.py"),
+                          f"{broken}:Predictor", "-o", str(out)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 1, run.stderr
+    assert "max_tokens: le= is 32768 in Python, but cog build reads nothing" in run.stderr
+    assert not out.exists()

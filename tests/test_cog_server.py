@@ -9,24 +9,18 @@ were made in float32 on CPU, hence CHATGLM3_DTYPE=float32).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from chatglm3.messages import build_messages
 
+from cogserver import Server, _call, _create, _sse, running_server
 from conftest import ROOT, TINY_CKPT
 
-PY = Path(sys.executable)
 CONTEXT = 32768
 SLOTS = 8
 GREEDY = {"temperature": 0}
@@ -36,129 +30,13 @@ LONG = {"prompt": "Tell me a very long story.", "max_tokens": 30000, "seed": 14,
         "temperature": 1.0, "top_p": 1.0}
 
 
-# ---- HTTP helpers (stdlib only) ----
-
-def _call(method: str, url: str, body=None, headers=None, timeout: float = 120):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            return e.code, json.loads(raw) if raw else None
-        except ValueError:
-            return e.code, raw.decode(errors="replace")
-
-
-def _create(method: str, url: str, body, headers=None, retry_s: float = 2.0):
-    """Starts a prediction. coglet may answer 409 'At capacity' for a few ms after a slot's
-    previous prediction has already answered; retry that briefly, nothing else."""
-    deadline = time.monotonic() + retry_s
-    while True:
-        code, resp = _call(method, url, body, headers)
-        if code != 409 or time.monotonic() > deadline:
-            return code, resp
-        time.sleep(0.02)
-
-
-def _sse(url: str, inputs: dict, method: str = "POST", timeout: float = 120, retry_s: float = 2.0):
-    """Yields (arrival time, event name, data) for each server-sent event, as it arrives."""
-    req = urllib.request.Request(url, data=json.dumps({"input": inputs}).encode(), method=method,
-                                 headers={"Content-Type": "application/json",
-                                          "Accept": "text/event-stream"})
-    deadline = time.monotonic() + retry_s
-    while True:
-        try:
-            resp = urllib.request.urlopen(req, timeout=timeout)
-            break
-        except urllib.error.HTTPError as e:
-            if e.code != 409 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-    with resp:
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        event, data = None, []
-        for raw in resp:  # http.client undoes the chunking; lines come as they arrive
-            line = raw.decode().rstrip("\r\n")
-            if not line:
-                if data:
-                    yield time.monotonic(), event, json.loads("\n".join(data))
-                event, data = None, []
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-
-
-class Server:
-    def __init__(self, base: str, log_path: Path) -> None:
-        self.base, self.log_path = base, log_path
-
-    def predict(self, **inputs) -> dict:
-        """A synchronous prediction; the response body (status succeeded or failed)."""
-        code, body = _create("POST", self.base + "/predictions", {"input": inputs})
-        assert code == 200, (code, body)
-        return body
-
-    def text(self, **inputs) -> str:
-        body = self.predict(**inputs)
-        assert body["status"] == "succeeded", body
-        return "".join(body["output"])
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    env.update(
-        # coglet starts its worker as plain `python` from PATH: the venv must come first, or the
-        # worker cannot import coglet and the server stays STARTING forever.
-        PATH=f"{PY.parent}{os.pathsep}{env.get('PATH', '')}",
-        PORT=str(port),
-        COG_PREDICT_TYPE_STUB="predict.py:Predictor",  # relative to cwd, like .cog/openapi_schema.json
-        COG_WEIGHTS=str(TINY_CKPT),
-        COG_MAX_CONCURRENCY=str(SLOTS),
-        HF_HUB_OFFLINE="1",
-        CHATGLM3_DEVICE="cpu",
-        CHATGLM3_DTYPE="float32",
-    )
-    log_path = tmp_path_factory.mktemp("cog") / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([str(PY), "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    srv = Server(f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline, health = time.monotonic() + 120, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                _, health = _call("GET", srv.base + "/health-check", timeout=2)
-                if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT"):
-                    break
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.05)
-        assert health and health["status"] == "READY", f"{health}\n{srv.log_tail()}"
-        srv.health = health
+    with running_server(tmp_path_factory.mktemp("cog") / "server.log", COG_WEIGHTS=str(TINY_CKPT),
+                        COG_MAX_CONCURRENCY=str(SLOTS), CHATGLM3_DEVICE="cpu",
+                        CHATGLM3_DTYPE="float32") as srv:
+        assert srv.health["status"] == "READY", f"{srv.health}\n{srv.log_tail()}"
         yield srv
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its worker
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        except ProcessLookupError:
-            pass
-        log.close()
 
 
 # ---- expectations from the official implementation ----
@@ -252,6 +130,9 @@ def test_sse_streams_token_by_token(server: Server, nihao) -> None:
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "history": [["q", "a"]]}, "history"),  # history is JSON *text*
     ({"prompt": "x", "seed": None}, "seed"),             # leave optional inputs out, not null
+    ({"prompt": "x", "seed": 2**53}, "seed"),            # above 2**53-1 (exact in JSON clients)
+    ({"prompt": "x", "stop_sequences": "x" * 16385}, "stop_sequences"),
+    ({"prompt": "x", "history": " " * (8 * 2**20 + 1)}, "history"),
 ])
 def test_bad_inputs_are_422(server: Server, inputs: dict, field: str) -> None:
     code, body = _create("POST", server.base + "/predictions", {"input": inputs})
@@ -274,10 +155,10 @@ def test_malformed_history_fails_naming_it(server: Server, extra: dict, named: s
 
 
 def test_settings_error_fails_with_its_message(server: Server) -> None:
-    # 2**63 passes the schema (its bound is a float there) but not the engine
-    body = server.predict(prompt="hi", max_tokens=2, seed=2**63)
+    # 17 stop strings pass the schema (a string) but not the sampling limits
+    body = server.predict(prompt="hi", max_tokens=2, stop_sequences=",".join("abcdefghijklmnopq"))
     assert body["status"] == "failed"
-    assert "ValueError: seed: must be an integer between 0 and 2**63-1" in body["error"], body
+    assert "ValueError: stop_sequences: at most 16 stop strings, got 17" in body["error"], body
 
 
 def test_prompt_over_context_fails_with_both_counts(server: Server, tokenizer) -> None:
@@ -407,12 +288,15 @@ def test_concurrent_clients_get_what_they_get_alone(server: Server, reference, t
     assert ["".join(b["output"]) for b in together] == alone
 
 
-def _watch(url: str, inputs: dict, events: list, first_output: threading.Event) -> threading.Thread:
+def _watch(url: str, inputs: dict, events: list, first_output: threading.Event,
+           on_start=None) -> threading.Thread:
     def run() -> None:
         for item in _sse(url, inputs):
             events.append(item)
             if item[1] == "output":
                 first_output.set()
+            if item[1] == "start" and on_start is not None:
+                on_start()
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -472,3 +356,68 @@ def test_no_slot_leaks(server: Server, nihao) -> None:
     inputs, expected = nihao
     results = _run_at_once(lambda i: server.text(**inputs), list(range(SLOTS)))
     assert results == [expected] * SLOTS
+
+
+# ---- hostile and odd input (each once found to crash, hang or leak) ----
+
+@pytest.mark.parametrize("inputs, named", [
+    ({"stop_sequences": "s" * 257}, "stop_sequences[0]: at most 256 characters, got 257"),
+    ({"history": "[" * 100_000}, "history: too deeply nested"),
+    ({"history": "[" * 100_000 + "]" * 100_000}, "history: too deeply nested"),
+    ({"history": '[["\\ud800", "a"]]'}, "history[0][0]: not valid Unicode text (lone surrogate U+D800"),
+    ({"history": '[{"role": "user", "content": "ok \\udfff"}]'}, "history[0].content: not valid Unicode"),
+])
+def test_hostile_inputs_fail_naming_the_input(server: Server, inputs: dict, named: str) -> None:
+    code, body = _create("POST", server.base + "/predictions",
+                         {"input": {"prompt": "hi", "max_tokens": 2, **inputs}})
+    assert code == 200 and body["status"] == "failed", body
+    assert "ValueError: " + named in body["error"], body["error"]
+
+
+def test_lone_surrogates_in_the_request_never_reach_the_model(server: Server) -> None:
+    """A JSON body carrying "\\ud800" in any text input: refused with the input named, or
+    answered cleanly; never a raw internal error, and the server goes on serving."""
+    for field in ("prompt", "system_prompt", "stop_sequences"):
+        raw = ('{"input": {"prompt": "hi", "max_tokens": 2, "%s": "x\\ud800y"}}' % field).encode()
+        req = urllib.request.Request(server.base + "/predictions", data=raw, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                code, body = resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as e:
+            code, body = e.code, e.read().decode(errors="replace")
+        if code == 200:
+            assert body["status"] == "failed", body
+            assert f"ValueError: {field}" in body["error"] and "not valid Unicode" in body["error"]
+        else:
+            assert code in (400, 422), (field, code, body)
+    assert server.text(prompt="hi", max_tokens=2, **GREEDY)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 9e-5])
+def test_tiny_temperatures_are_greedy(server: Server, nihao, temperature: float) -> None:
+    inputs, expected = nihao
+    for seed in (1, 2):
+        assert server.text(**{**inputs, "temperature": temperature, "top_p": 1.0,
+                              "seed": seed}) == expected
+
+
+def test_integral_floats_count_as_integers(server: Server, nihao) -> None:
+    inputs, expected = nihao
+    body = server.predict(**{**inputs, "max_tokens": 24.0, "top_k": 0.0, "seed": 7.0})
+    assert body["status"] == "succeeded", body
+    assert "".join(body["output"]) == expected and "seed=7\n" in body["logs"]
+    sampled = {"prompt": "Tell me a story", "max_tokens": 8, "temperature": 1.0, "top_k": 40}
+    assert server.text(**sampled, seed=3.0) == server.text(**sampled, seed=3)
+
+
+def test_huge_prompt_is_rejected_from_its_length(server: Server, nihao) -> None:
+    """30 MB in one word: rejected without tokenizing it (that took 13 s), naming both counts."""
+    t0 = time.monotonic()
+    body = server.predict(prompt="x" * 30_000_000, max_tokens=8)
+    elapsed = time.monotonic() - t0
+    assert body["status"] == "failed", body
+    assert "prompt too long: the prompt is 30000000 characters, so at least" in body["error"]
+    assert f"{CONTEXT} tokens" in body["error"]
+    assert elapsed < 10, elapsed  # mostly moving 30 MB of JSON through coglet
+    assert server.text(**nihao[0]) == nihao[1]

@@ -1,0 +1,31 @@
+"""The image's configuration on a machine without a usable GPU: setup() fails at once, naming what
+it found, and never falls back to running the model on the CPU.
+
+The server runs with exactly the environment cog.yaml bakes into the image, on this CPU-only
+machine (torch here is a CPU build: the same failure a host without a working NVIDIA driver
+gives). The weights point nowhere: the device check must come before any download.
+"""
+
+from __future__ import annotations
+
+import torch
+import yaml
+
+from cogserver import running_server
+from conftest import ROOT
+
+
+def test_setup_fails_within_seconds_naming_the_gpu_problem(tmp_path) -> None:
+    cfg = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    image_env = dict(item.split("=", 1) for item in cfg["environment"])
+    assert not torch.cuda.is_available()
+    with running_server(tmp_path / "server.log", startup_s=60, **image_env,
+                        COG_WEIGHTS=str(tmp_path / "never-fetched")) as srv:
+        assert srv.health.get("status") == "SETUP_FAILED", (srv.health, srv.log_tail())
+        assert srv.ready_after < 30  # the server's own start included (imports torch)
+        logs = srv.health["setup"]["logs"] + srv.log_path.read_text()
+    assert "device: cuda was asked for, but no CUDA GPU is usable" in logs
+    assert f"torch {torch.__version__}" in logs and "NVIDIA driver" in logs
+    assert "CUDA" in logs and "GPUs visible" in logs
+    assert "never-fetched" not in logs  # the device check comes before the weights
+    assert "ready:" not in logs
