@@ -25,6 +25,38 @@ from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer, Message
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
+
+
+def _prefill_buckets(smallest: int = 16, largest: int = PREFILL_CHUNK) -> tuple[int, ...]:
+    """Powers of two from `smallest` to `largest` and the midpoints between them (16, 24, 32,
+    48, ..., 1536, 2048): padding to the next one adds at most 50% to the last chunk."""
+    out, n = [], smallest
+    while n < largest:
+        out += [n, n * 3 // 2]
+        n *= 2
+    return tuple(b for b in out if b < largest) + (largest,)
+
+
+# The last (partial) prefill chunk is padded up to one of these lengths. Why: without it every
+# distinct prompt length is a new input shape, and torch's bf16 CPU matmul (oneDNN) keeps state
+# for each new shape (and spends time creating it): 400 predictions of distinct lengths took a
+# bf16 CPU server from 843 MB to 1.8 GB, flat in fp32 and flat when lengths repeat (bench/soak.py
+# measures it; ~0.7 MB per new row count per weight shape). With buckets the linear layers
+# (where that state lives) see at most these 15 row counts in prefill, whatever the prompts
+# (and 1..max_batch in decoding); the attention's key length for a chunk is begin +
+# its padded length, begin a multiple of PREFILL_CHUNK, so at most 15 x ceil(context /
+# PREFILL_CHUNK) = 240 query/key shape pairs for a 32K context. (Decoding reads a new key length
+# every step, but SDPA keeps no per-shape state: measured flat.) Cost: at most 50% more work on
+# the last chunk, and in fp32 the real positions' results move by rounding (~1e-6 relative):
+# SDPA's CPU kernel blocks the work by query length.
+PREFILL_BUCKETS = _prefill_buckets()
+
+
+def prefill_bucket(n: int) -> int:
+    """The padded length for a chunk of n (1 <= n <= PREFILL_CHUNK) prompt tokens."""
+    return next(b for b in PREFILL_BUCKETS if b >= n)
+
+
 DEFAULT_MAX_BATCH = 8
 DECODE_STEPS = ("auto", "eager", "fixed", "graphs")
 
@@ -319,13 +351,25 @@ class Engine:
             r.prefill_cache = DynamicCache(config=self.model.config)
         begin = r.prefilled
         chunk = r.ids[:, begin : min(begin + PREFILL_CHUNK, len(r.prompt))]
-        positions = torch.arange(begin, begin + chunk.shape[1], device=self.device)[None]
-        # The last position as an index tensor, not logits_to_keep=1: that slice keeps the
-        # chunk's strides, and matmul then copies the whole lm_head weight (seconds on CPU).
-        last = torch.tensor([chunk.shape[1] - 1], device=self.device)
+        real = chunk.shape[1]
+        # Padding goes after the real tokens (see PREFILL_BUCKETS): attention is causal, so no
+        # real position sees it, and its keys/values are cropped off below. Its positions go on
+        # counting but stay inside the rotary range the model was made for.
+        padded = prefill_bucket(real)
+        if padded > real:
+            chunk = torch.nn.functional.pad(chunk, (0, padded - real), value=self.tokenizer.pad_id)
+        positions = torch.arange(begin, begin + padded, device=self.device).clamp_(
+            max=self.context - 1)[None]
+        # The last real position as an index tensor, not logits_to_keep=1: that slice keeps
+        # the chunk's strides, and matmul then copies the whole lm_head weight (seconds on CPU).
+        last = torch.tensor([real - 1], device=self.device)
         out = self.model(input_ids=chunk, cache=r.prefill_cache, position_ids=positions,
                          use_cache=True, logits_to_keep=last)
-        r.prefilled += chunk.shape[1]
+        if padded > real:
+            # transformers 5 crop(): a negative count removes that many positions from the end
+            # (a positive one, the old "keep this many", raises).
+            r.prefill_cache.crop(real - padded)
+        r.prefilled += real
         if r.prefilled < len(r.prompt):
             return False
         r.first_token = pick(out.logits[:, -1], [r.sampler], [r.ids[:, : r.n]])[0]
