@@ -1,8 +1,16 @@
-"""Shared test fixtures: paths into ../shared and the real ChatGLM3 tokenizer."""
+"""Shared test fixtures: paths into ../shared and the real ChatGLM3 tokenizer; the test tiers.
+
+Tiers: `scripts/test` runs everything (what CI runs); `scripts/test -m "not slow"` is the fast
+tier for the edit-test loop (unit and golden tests: no server, no subprocess CLI, no long prompt).
+Tests that read ../shared (the real tokenizer, the tiny checkpoint and the official outputs) are
+marked `shared`; without that folder they are skipped with the reason, except under CI
+(CI=true), where a missing ../shared is an error.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,10 +18,44 @@ import pytest
 from chatglm3.tokenizer import ChatGLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("CHATGLM3_TEST_SHARED", ROOT.parent / "shared"))  # override: tests
 TOKENIZER_MODEL = SHARED / "chatglm3-tokenizer" / "tokenizer.model"
 GOLDEN = SHARED / "golden" / "tiny-32k"
 TINY_CKPT = GOLDEN / "ckpt"
+
+# Whole modules that start servers or subprocesses, or read ../shared outside fixtures.
+SLOW_MODULES = {"test_cog_server", "test_cog_image_env", "test_cli", "test_cli_first_hour",
+                "test_download", "test_cog_schema"}
+SHARED_MODULES = {"test_checkpoint", "test_cli", "test_cli_first_hour", "test_cog_server",
+                  "test_download", "test_prefill_buckets", "test_tokenizer", "test_predictor"}
+SHARED_FIXTURES = {"tokenizer", "reference", "tiny_model_fp32"}
+# Single tests over a few seconds each (long prompts: the 6,118- and 16k-token ones, many lengths).
+SLOW_TESTS = {"test_prefill_shapes_are_bounded", "test_fp32_logits_match_official[long_chat]",
+              "test_sixteen_thousand_token_prompt"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: servers, subprocesses or long prompts (not in the "
+                                       'fast tier: -m "not slow")')
+    config.addinivalue_line("markers", "shared: reads the test data in ../shared")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    module = lambda item: Path(str(item.fspath)).stem  # noqa: E731
+    for item in items:
+        if module(item) in SLOW_MODULES or item.name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if module(item) in SHARED_MODULES or SHARED_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.shared)
+    if SHARED.is_dir():
+        return
+    if os.environ.get("CI") == "true":
+        raise pytest.UsageError(f"{SHARED} is missing: CI must run with the shared test data")
+    skip = pytest.mark.skip(reason=f"needs the test data folder {SHARED} (real tokenizer, tiny "
+                                   "checkpoint, official outputs); see README")
+    for item in items:
+        if item.get_closest_marker("shared"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

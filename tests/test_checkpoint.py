@@ -13,7 +13,11 @@ from safetensors.torch import load_file
 from chatglm3.checkpoint import CheckpointError, glm_config, load_model
 from conftest import GOLDEN, TINY_CKPT, convert_to_safetensors
 
-REF_LOGITS = load_file(GOLDEN / "reference_logits.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ref_logits() -> dict[str, torch.Tensor]:
+    return load_file(GOLDEN / "reference_logits.safetensors")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,14 +30,14 @@ def last_logits(model, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["short_chat", "medium_chat", "long_chat"])
-def test_fp32_logits_match_official(tiny_model_fp32, reference: dict, name: str) -> None:
+def test_fp32_logits_match_official(tiny_model_fp32, reference: dict, ref_logits, name: str) -> None:
     prompt = next(p for p in reference["prompts"] if p["name"] == name)
     with torch.inference_mode():
         logits = tiny_model_fp32(torch.tensor([prompt["input_ids"]])).logits[0]
-    assert rel_l2(logits[-1], REF_LOGITS[f"{name}.last"]) < 1e-4
+    assert rel_l2(logits[-1], ref_logits[f"{name}.last"]) < 1e-4
     for key in prompt["extra_position_logits"]["keys"]:
         pos = int(key.rsplit(".pos", 1)[1])
-        assert rel_l2(logits[pos], REF_LOGITS[key]) < 1e-4, key
+        assert rel_l2(logits[pos], ref_logits[key]) < 1e-4, key
 
 
 def test_config_mapping() -> None:
@@ -51,10 +55,10 @@ def test_rotary_frequencies_stay_fp32() -> None:
     assert not any(p.device.type == "meta" for p in model.parameters())
 
 
-def test_bf16_close_to_fp32(reference: dict) -> None:
+def test_bf16_close_to_fp32(reference: dict, ref_logits) -> None:
     model = load_model(TINY_CKPT, "cpu", torch.bfloat16)
     prompt = reference["prompts"][1]
-    assert rel_l2(last_logits(model, prompt["input_ids"]), REF_LOGITS["medium_chat.last"]) < 0.02
+    assert rel_l2(last_logits(model, prompt["input_ids"]), ref_logits["medium_chat.last"]) < 0.02
 
 
 def test_safetensors_layout_loads_identically(tmp_path: Path, tiny_model_fp32, reference) -> None:
