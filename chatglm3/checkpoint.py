@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -136,10 +137,32 @@ def _open_shard(path: Path) -> Iterator[dict[str, torch.Tensor]]:
         tensors.clear()
 
 
+def _shards_with_progress(paths: list[Path], progress: bool) -> Iterator[Path]:
+    """The shards, reported on stderr as each one starts: a tqdm bar on a terminal, else one
+    line per shard (a log file or a pipe would fill with a bar's carriage returns)."""
+    if not progress:
+        yield from paths
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        with tqdm(total=len(paths), desc="loading shards", unit="shard", file=sys.stderr) as bar:
+            for path in paths:
+                bar.set_postfix_str(path.name)  # the shard being read now
+                yield path
+                bar.update()
+        return
+    for i, path in enumerate(paths, 1):
+        print(f"loading shard {i}/{len(paths)}: {path.name}", file=sys.stderr, flush=True)
+        yield path
+
+
 def load_model(
-    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
+    model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+    progress: bool = False,
 ) -> GlmForCausalLM:
-    """Builds the model empty, then fills it one shard at a time on `device` in `dtype`."""
+    """Builds the model empty, then fills it one shard at a time on `device` in `dtype`.
+    `progress`: report each shard on stderr as it loads (see `_shards_with_progress`)."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     try:
@@ -152,7 +175,7 @@ def load_model(
         model = GlmForCausalLM(config)
     expected = dict(model.state_dict())
     missing = set(expected)
-    for path in shard_files(model_dir):
+    for path in _shards_with_progress(shard_files(model_dir), progress):
         with _open_shard(path) as shard:
             converted: dict[str, torch.Tensor] = {}
             for name in list(shard):

@@ -1,20 +1,46 @@
-"""`python -m chatglm3`: chat, generate, encode and download from the command line."""
+"""`python -m chatglm3`: chat, generate, encode and download from the command line.
+
+The answer (or the JSON record) goes to stdout; what the program is doing (loading, progress,
+notes) goes to stderr, so `generate ... > answer.txt` keeps only the answer.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from .messages import build_messages
-from .params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams
+from .params import (
+    CONTEXT,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    GREEDY_BELOW_TEMPERATURE,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
 from .tokenizer import ChatGLMTokenizer, Message
 
 if TYPE_CHECKING:  # torch and transformers load only once a command needs the model
-    from .engine import Engine
+    import torch
+
+    from .engine import Engine, Generation
+
+# devices.DEVICES, spelled out: importing devices imports torch (1.5 s), too slow for --help and
+# for argument errors; tests/test_cli.py keeps the two equal.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DECODE_STEPS = ("auto", "eager", "graphs")
+_DEFAULTS = SamplingParams()  # the defaults params.py has no named constant for (top_k, ...)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,55 +50,129 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _weights_parser(what: str) -> OneLineParser:
+    parser = OneLineParser(add_help=False)
+    parser.add_argument(
+        "--weights", default=None, metavar="PATH_OR_REPO",
+        help=f"{what}, a hub repo id (owner/name[@revision]) or the https URL of a .tar/.tar.gz; "
+             "a relative path is taken from the current directory (default: the repository's "
+             "weights/ directory, fetched from the hub if empty)")
+    return parser
+
+
+def _runtime_parser() -> OneLineParser:
+    parser = OneLineParser(add_help=False)
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="where to run (default auto: a usable CUDA GPU, else the CPU)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="dtype of weights and compute (default auto: float16 on a GPU, as "
+                             "the checkpoint is stored; bfloat16 on the CPU)")
+    parser.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
+                        help="graphs: replay each decoding step as a CUDA graph; eager: launch it "
+                             "from Python (default auto: graphs on a GPU, else eager)")
+    return parser
+
+
+def _input_parser() -> OneLineParser:
+    """The conversation of one request: system prompt, history and the new prompt."""
+    parser = OneLineParser(add_help=False)
+    parser.add_argument("--system", default="", metavar="TEXT",
+                        help="system prompt (default: none)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT",
+                        help="the user message; '-' reads it from standard input "
+                             "(--prompt=TEXT for a text that starts with '-')")
+    source.add_argument("--prompt-file", metavar="PATH",
+                        help="read the user message from this UTF-8 file")
+    parser.add_argument("--history", default="", metavar="JSON",
+                        help='earlier turns as a JSON list: [{"role": "user", "content": "..."}, '
+                             '...] or [["question", "answer"], ...] (default: none)')
+    return parser
+
+
+def _sampling_parser() -> OneLineParser:
+    """Every default and range here comes from params.py, which SamplingParams.validate checks."""
+    parser = OneLineParser(add_help=False)
+    parser.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+        help=f"tokens to generate at most, 1-{CONTEXT} (cut to the room the prompt leaves in the "
+             f"{CONTEXT}-token context; default {DEFAULT_MAX_TOKENS})")
+    parser.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+        help=f"sampling temperature, 0-{MAX_TEMPERATURE:g} (below {GREEDY_BELOW_TEMPERATURE:g} "
+             f"= greedy; default {DEFAULT_TEMPERATURE:g})")
+    parser.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
+        help=f"nucleus sampling, 0-1 (1 = off, 0 = greedy; default {DEFAULT_TOP_P:g})")
+    parser.add_argument(
+        "--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
+        help=f"sample among the K likeliest tokens, 0 or more (0 = off; "
+             f"default {_DEFAULTS.top_k})")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, metavar="R",
+        help=f"penalty on tokens already seen, {MIN_REPETITION_PENALTY:g}-"
+             f"{MAX_REPETITION_PENALTY:g} (1 = off; default {_DEFAULTS.repetition_penalty:g})")
+    parser.add_argument(
+        "--seed", type=int, default=_DEFAULTS.seed, metavar="S",
+        help=f"random seed, 0-{MAX_SEED} (default: a random one, which --json reports)")
+    # One value per flag: with nargs="+" a prompt after `--stop X` became a second stop string.
+    parser.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help=f"end the answer at this text (not included); repeat for more: --stop A --stop B "
+             f"(at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_LENGTH} characters; "
+             f"default: none)")
+    return parser
+
+
 def build_parser() -> OneLineParser:
-    common = OneLineParser(add_help=False)
-    common.add_argument("--weights", default=None, metavar="PATH_OR_REPO",
-                        help="checkpoint directory, hub repo id or tar URL "
-                             "(default: the weights/ directory, fetched if empty)")
-    common.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    common.add_argument("--dtype", default="auto",
-                        choices=["auto", "float16", "bfloat16", "float32"])
-    common.add_argument("--decode-step", default="auto", choices=["auto", "eager", "graphs"],
-                        help="graphs: replay decoding steps as CUDA graphs (auto: on a GPU)")
+    model = _weights_parser("checkpoint directory")
+    runtime = _runtime_parser()
+    request = _input_parser()
+    sampling = _sampling_parser()
 
-    conversation = OneLineParser(add_help=False)
-    conversation.add_argument("--system", default="", help="system prompt")
-
-    sampling = OneLineParser(add_help=False)
-    sampling.add_argument("--max-tokens", type=int, default=2048)
-    sampling.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                          help="0 = greedy")
-    sampling.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    sampling.add_argument("--top-k", type=int, default=0, help="0 = off")
-    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
-    sampling.add_argument("--seed", type=int, default=None)
-    sampling.add_argument("--stop", nargs="+", action="extend", default=[], metavar="TEXT",
-                          help="stop sequences")
-
-    parser = OneLineParser(prog="python -m chatglm3", description=__doc__)
+    parser = OneLineParser(
+        prog="python -m chatglm3",
+        description="ChatGLM3-6B-32K: chat, generate, encode and download. The answer (or JSON "
+                    "record) goes to stdout; loading and progress messages go to stderr.",
+        epilog="'python -m chatglm3 COMMAND --help' lists each command's options, with their "
+               "defaults and ranges.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    chat = sub.add_parser("chat", parents=[common, conversation, sampling],
-                          help="interactive chat (type 'clear' to start over, 'stop' to quit)")
+    chat = sub.add_parser("chat", parents=[model, runtime, sampling],
+                          help="interactive chat (type 'clear' to start over, 'stop' to quit)",
+                          description="Interactive chat: type a message, get the answer "
+                                      "streamed; 'clear' starts over, 'stop' (or Ctrl-D) quits, "
+                                      "Ctrl-C cuts an answer short.")
+    chat.add_argument("--system", default="", metavar="TEXT",
+                      help="system prompt (default: none)")
     chat.add_argument("--stats", action="store_true",
                       help="print token counts and speed after each answer")
 
-    gen = sub.add_parser("generate", parents=[common, conversation, sampling],
-                         help="answer one prompt")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--history", default="", help="JSON list of earlier messages")
-    gen.add_argument("--json", action="store_true", help="print one JSON record instead")
+    gen = sub.add_parser("generate", parents=[model, runtime, request, sampling],
+                         help="answer one prompt",
+                         description="Answer one prompt, streamed to stdout (Ctrl-C stops it "
+                                     "with exit code 130).")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON record (text, ids, counts, stop_reason, seed) "
+                          "instead of streaming the text")
 
-    enc = sub.add_parser("encode", parents=[common, conversation],
-                         help="print the chat input ids as JSON")
-    enc.add_argument("--prompt", required=True)
-    enc.add_argument("--history", default="")
+    sub.add_parser("encode", parents=[_weights_parser("directory holding tokenizer.model "
+                                                      "(a checkpoint, or just the tokenizer)"),
+                                      request],
+                   help="print the chat input ids as JSON",
+                   description="Print the chat input ids (the official build_chat_input) as "
+                               "JSON; needs only the tokenizer.")
 
-    dl = sub.add_parser("download", help="fetch the weights with progress")
-    dl.add_argument("--revision", default=None)
-    dl.add_argument("--dir", default=None, help="destination (default: weights/)")
+    dl = sub.add_parser("download", help="fetch the weights with progress",
+                        description="Fetch and verify a checkpoint; prints its directory.")
+    dl.add_argument("--revision", default=None,
+                    help="hub revision (default: the pinned one, or env CHATGLM3_REVISION)")
+    dl.add_argument("--dir", default=None,
+                    help="destination (default: the repository's weights/ directory, or env "
+                         "CHATGLM3_WEIGHTS_DIR)")
     dl.add_argument("--weights", default=None, metavar="REPO_OR_URL",
-                    help="hub repo id or tar URL (default: the official 32k repo)")
+                    help="hub repo id or https URL of a .tar/.tar.gz (default: the official "
+                         "32k repo)")
     return parser
 
 
@@ -80,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while loading or reading input: no traceback, the shell's code
+        say("\ninterrupted" if sys.stderr.isatty() else "interrupted")
         return 130
     except Exception as e:
         if not isinstance(e, user_errors()):
@@ -98,9 +199,30 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (ValueError, OSError, WeightsError, CheckpointError, DeviceError)
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def say(text: str) -> None:
+    """A progress or status line: stderr, so stdout carries only the answer."""
+    print(text, file=sys.stderr, flush=True)
 
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from --prompt TEXT, --prompt - (standard input) or --prompt-file PATH.
+    From stdin or a file, one final line ending is dropped (editors and `echo` add one)."""
+    if args.prompt_file is not None:
+        where, data = f"--prompt-file {args.prompt_file}", Path(args.prompt_file).read_bytes()
+    elif args.prompt == "-":
+        if sys.stdin.isatty():
+            say("reading the prompt from standard input (end it with Ctrl-D)")
+        where, data = "--prompt - (standard input)", sys.stdin.buffer.read()
+    else:
+        return args.prompt
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
+
+
+def cmd_download(args: argparse.Namespace) -> int:
     from .download import resolve_weights
 
     path = resolve_weights(args.weights, dest=Path(args.dir) if args.dir else None,
@@ -109,21 +231,69 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
+def tokenizer_dir(weights: str | None) -> Path:
+    """Where tokenizer.model is: a local directory that has one is used as it is (encode needs
+    nothing else, so no whole checkpoint is verified or fetched); anything else goes through
+    resolve_weights."""
+    if weights:
+        local = Path(weights).expanduser()
+        if (local / "tokenizer.model").is_file():
+            return local
     from .download import resolve_weights
 
-    messages = build_messages(args.prompt, args.system, args.history)
-    tokenizer = ChatGLMTokenizer.from_dir(resolve_weights(args.weights))
+    return resolve_weights(weights)
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    messages = build_messages(read_prompt(args), args.system, args.history)
+    tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir(args.weights))
     print(json.dumps(tokenizer.build_chat_input(messages)))
     return 0
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def memory_used(device: "torch.device") -> str:
+    """GPU memory allocated on CUDA (the weights and buffers torch holds); otherwise the peak
+    resident memory of this process, which is what the weights cost on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return f"GPU memory allocated {_size(torch.cuda.memory_allocated(device))}"
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return f"peak RSS {_size(peak if sys.platform == 'darwin' else peak * 1024)}"  # KiB on Linux
+
+
 def load_engine(args: argparse.Namespace) -> "Engine":
+    """The engine for --weights/--device/--dtype, saying on stderr what loads where and, once
+    ready, how long it took and the memory it holds."""
+    from .checkpoint import load_model
+    from .devices import resolve_device, resolve_dtype
     from .download import resolve_weights
     from .engine import Engine
 
-    return Engine.from_pretrained(resolve_weights(args.weights), args.device, args.dtype,
-                                  decode_step=args.decode_step)
+    # Device checks first: a missing GPU should not cost a 12 GB download or load first.
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.decode_step == "graphs" and device.type != "cuda":
+        raise ValueError("decode_step: graphs needs a CUDA device")
+    path = resolve_weights(args.weights)
+    where = str(device)
+    if device.type == "cuda":
+        import torch
+
+        where += f" ({torch.cuda.get_device_name(device)})"
+    say(f"loading weights {Path(path).absolute()} on {where} as "
+        f"{str(dtype).removeprefix('torch.')}")
+    start = time.perf_counter()
+    model = load_model(path, device, dtype, progress=True)
+    engine = Engine(model, ChatGLMTokenizer.from_dir(path), decode_step=args.decode_step)
+    say(f"ready in {time.perf_counter() - start:.1f} s ({memory_used(device)})")
+    return engine
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -136,25 +306,50 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return params
 
 
+def finish_cancelled(gen: "Generation") -> str:
+    """Cancels `gen` and waits until the engine has ended it; returns the text it streamed
+    meanwhile. Why wait: the engine's worker thread sets stop_reason and the counts in
+    `gen.result` only when it drops the request (before its next step), so right after
+    cancel() the result still says 0 tokens. A second Ctrl-C stops the waiting."""
+    gen.cancel()
+    rest: list[str] = []
+    try:
+        for delta in gen:  # a new pass over the stream: the rest, up to its end
+            rest.append(delta)
+    except KeyboardInterrupt:
+        pass
+    return "".join(rest)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    messages = build_messages(args.prompt, args.system, args.history)
+    messages = build_messages(read_prompt(args), args.system, args.history)
     params = sampling_params(args)
     engine = load_engine(args)
     gen = engine.generate(messages, params)
-    if args.json:
-        gen.text()
-        print(json.dumps(gen.result.to_dict(), ensure_ascii=False))
-        return 0
+    interrupted = False
     try:
         for delta in gen:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    finally:
-        gen.cancel()
-    sys.stdout.write("\n")
-    if gen.result.max_tokens_cut:
-        print(f"note: max_tokens cut to {gen.result.max_tokens} to fit the context",
-              file=sys.stderr)
+            if not args.json:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        rest = finish_cancelled(gen)
+        if not args.json:
+            sys.stdout.write(rest)
+    record = gen.result.to_dict()
+    if interrupted and not record["stop_reason"]:  # a second Ctrl-C cut finish_cancelled short
+        record.update(stop_reason="cancelled", output_token_count=len(record["output_ids"]))
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    else:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    if interrupted:
+        say(f"cancelled after {record['output_token_count']} tokens")
+        return 130
+    if record["max_tokens_cut"]:
+        say(f"note: max_tokens cut to {record['max_tokens']} to fit the context")
     return 0
 
 
@@ -169,6 +364,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except EOFError:
             print()
             return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, leaving the line clean
+            print(flush=True)
+            return 130
         command = query.strip()
         if command == "stop":
             return 0
@@ -192,13 +390,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 answer += delta
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:
-            gen.cancel()
-            print(" [interrupted]", end="")
+            rest = finish_cancelled(gen)
+            answer += rest
+            print(rest + " [interrupted]", end="")
         print(flush=True)
         if args.stats:
             r = gen.result
             print(f"({r.input_token_count} prompt tokens, {r.output_token_count} generated, "
-                  f"{r.tokens_per_second:.1f} tokens/s, stop: {r.stop_reason})", flush=True)
+                  f"{r.tokens_per_second:.1f} tokens/s, stop: {r.stop_reason or 'cancelled'})",
+                  flush=True)
         # as the official chat(), history keeps the answer stripped
         history += [Message("user", query), Message("assistant", answer.strip())]
 

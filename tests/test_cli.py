@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from chatglm3.params import CONTEXT, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
 from conftest import ROOT, TINY_CKPT
 
 TINY = ["--weights", str(TINY_CKPT), "--dtype", "float32"]
@@ -48,13 +49,13 @@ def test_generate_streams_the_same_text_and_stops(reference: dict) -> None:
     assert out.stdout == full + "\n"
     stop = full[6:9]
     stopped = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens",
-                  "24", "--stop", "never-there", stop, "--json")
+                  "24", "--stop", "never-there", "--stop", stop, "--json")
     assert json.loads(stopped.stdout)["text"] == full[: full.index(stop)]
 
 
 def test_encode(reference: dict) -> None:
     case = reference["chat_inputs"][2]
-    out = cli("encode", *TINY, "--prompt", case["query"], "--history",
+    out = cli("encode", "--weights", str(TINY_CKPT), "--prompt", case["query"], "--history",
               json.dumps(case["history"]))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == case["input_ids"]
@@ -76,11 +77,26 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
                      "needs a CUDA device", marks=NO_CUDA),
         (["fly"], "fly"),
         (["generate", "--prompt", "x", "--weights", "/no/such/dir"], "/no/such/dir"),
+        # The limits are params.py's, checked before the model loads.
+        (["generate", "--prompt", "x", "--max-tokens", str(CONTEXT + 1)],
+         f"max_tokens: must be an integer from 1 to {CONTEXT}"),
+        (["generate", "--prompt", "x", "--max-tokens", "40000"],
+         f"max_tokens: must be an integer from 1 to {CONTEXT}"),
+        (["generate", "--prompt", "x", "--temperature", "6"],
+         f"temperature: must be from 0 to {MAX_TEMPERATURE:g}"),
+        (["generate", "--prompt", "x", *["--stop", "s"] * (MAX_STOP_SEQUENCES + 1)],
+         f"at most {MAX_STOP_SEQUENCES} stop strings"),
+        # The prompt comes from exactly one place.
+        (["generate", "--prompt", "x", "--prompt-file", "p.txt"], "not allowed with"),
+        (["generate", "--prompt-file", "/no/such/prompt.txt"], "/no/such/prompt.txt"),
+        (["encode", "--prompt", "x", "--temperature", "0"], "--temperature"),
     ],
 )
 def test_bad_arguments_one_line_error(args: list[str], fragment: str) -> None:
     if "--weights" not in args and args[0] == "generate":
         args = args + TINY
+    elif args[0] == "encode":  # encode takes no --dtype
+        args = args + TINY[:2]
     out = cli(*args)
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()

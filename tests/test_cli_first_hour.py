@@ -1,0 +1,403 @@
+"""A new user's first hour with `python -m chatglm3` and `scripts/run`: help texts that state
+params.py's limits, where the prompt comes from, Ctrl-C, relative paths, loading messages and
+`pip install -e .`. Real subprocesses on the shared tiny checkpoint, as in test_cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from chatglm3 import params
+from chatglm3.messages import build_messages
+from chatglm3.tokenizer import ChatGLMTokenizer
+from conftest import ROOT, TINY_CKPT, TOKENIZER_MODEL
+from test_cli import ENV, TINY, cli
+
+# A sampled run that goes on for hundreds of tokens on the tiny model (546 before it samples a
+# stop token; ~50 tokens/s on a 2-core CPU): something to interrupt.
+LONG = ["--prompt", "Tell me a very long story.", "--seed", "14", "--temperature", "1",
+        "--top-p", "1", "--max-tokens", "2000"]
+LONG_RUN_TOKENS = 546
+
+
+def option_help(command: str) -> dict[str, str]:
+    """`python -m chatglm3 COMMAND --help` as {option: its help text on one line}."""
+    out = cli(command, "--help")
+    assert out.returncode == 0, out.stderr
+    entries: dict[str, str] = {}
+    current = None
+    for line in out.stdout.split("options:", 1)[1].splitlines():
+        m = re.match(r"  (-\w|--[\w-]+)", line)
+        if m:
+            current = m[1] if m[1] != "-h" else "--help"
+            entries[current] = line[m.end():]
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+# ---- help and limits ----
+
+def test_generate_help_states_params_defaults_and_ranges() -> None:
+    p = params
+    h = option_help("generate")
+    assert f"0-{p.MAX_TEMPERATURE:g}" in h["--temperature"]
+    assert f"below {p.GREEDY_BELOW_TEMPERATURE:g} = greedy" in h["--temperature"]
+    assert f"default {p.DEFAULT_TEMPERATURE:g}" in h["--temperature"]
+    assert f"1-{p.CONTEXT}" in h["--max-tokens"]
+    assert f"default {p.DEFAULT_MAX_TOKENS}" in h["--max-tokens"]
+    assert "0-1" in h["--top-p"] and "0 = greedy" in h["--top-p"]
+    assert f"default {p.DEFAULT_TOP_P:g}" in h["--top-p"]
+    defaults = p.SamplingParams()
+    assert f"default {defaults.top_k}" in h["--top-k"]
+    assert (f"{p.MIN_REPETITION_PENALTY:g}-{p.MAX_REPETITION_PENALTY:g}"
+            in h["--repetition-penalty"])
+    assert f"default {defaults.repetition_penalty:g}" in h["--repetition-penalty"]
+    assert f"0-{p.MAX_SEED}" in h["--seed"]
+    assert f"at most {p.MAX_STOP_SEQUENCES}" in h["--stop"]
+    assert f"at most {p.MAX_STOP_LENGTH} characters" in h["--stop"]
+    assert "--stop A --stop B" in h["--stop"]
+    for option in ("--device", "--dtype", "--decode-step", "--weights", "--system"):
+        assert "default" in h[option], option
+    assert "-" in h["--prompt"] and "standard input" in h["--prompt"]
+    assert "--prompt-file" in h and "--json" in h
+
+
+def test_encode_help_lists_only_what_encode_uses() -> None:
+    h = option_help("encode")
+    assert set(h) == {"--help", "--weights", "--system", "--prompt", "--prompt-file",
+                      "--history"}
+    assert "tokenizer.model" in h["--weights"]
+
+
+def test_chat_help_has_sampling_but_no_prompt() -> None:
+    h = option_help("chat")
+    assert "--temperature" in h and "--stats" in h and "--device" in h
+    assert "--prompt" not in h and "--history" not in h
+
+
+def test_cli_choices_match_the_library() -> None:
+    from chatglm3 import cli as cli_module
+    from chatglm3.devices import DEVICES, resolve_dtype
+
+    assert cli_module.DEVICES == DEVICES
+    import torch
+
+    for name in cli_module.DTYPES:
+        resolve_dtype(name, torch.device("cpu"))  # each accepted
+
+
+def test_top_p_zero_is_greedy(reference: dict) -> None:
+    out = cli("generate", *TINY, "--prompt", "你好", "--top-p", "0", "--temperature", "1",
+              "--max-tokens", "24", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["output_ids"] == \
+        reference["prompts"][0]["greedy_generate"]["new_ids"]
+
+
+# ---- where the prompt comes from ----
+
+def test_prompt_from_stdin(reference: dict) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "chatglm3", "generate", *TINY, "--prompt", "-", "--temperature",
+         "0", "--max-tokens", "24", "--json"],
+        input="你好\n".encode(), env=ENV, cwd=ROOT, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    # The final newline (echo's, an editor's) is not part of the prompt.
+    assert record["input_ids"] == reference["prompts"][0]["input_ids"]
+    assert record["output_ids"] == reference["prompts"][0]["greedy_generate"]["new_ids"]
+
+
+def test_prompt_file_and_stdin_give_the_prompt_verbatim(tmp_path: Path, reference: dict) -> None:
+    case = reference["chat_inputs"][2]
+    history = json.dumps(case["history"])
+    f = tmp_path / "prompt.txt"
+    f.write_bytes((case["query"] + "\n").encode())
+    by_file = cli("encode", *TINY[:2], "--prompt-file", str(f), "--history", history)
+    assert by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_file.stdout) == case["input_ids"]
+    # Inner and leading line breaks stay: only one final line ending is dropped.
+    text = "\n line one\n\nline two\t"
+    f.write_bytes((text + "\r\n").encode())
+    want = ChatGLMTokenizer(TOKENIZER_MODEL).build_chat_input(build_messages(text))
+    by_file = cli("encode", *TINY[:2], "--prompt-file", str(f))
+    assert json.loads(by_file.stdout) == want
+    by_stdin = subprocess.run(
+        [sys.executable, "-m", "chatglm3", "encode", *TINY[:2], "--prompt", "-"],
+        input=(text + "\n").encode(), env=ENV, cwd=ROOT, capture_output=True, timeout=60)
+    assert json.loads(by_stdin.stdout) == want
+
+
+def test_prompt_file_not_utf8_one_line_error(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("café au lait".encode("latin-1"))
+    out = cli("encode", *TINY[:2], "--prompt-file", str(f))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: --prompt-file {f}: not UTF-8 text (invalid continuation byte at byte 3)"]
+
+
+def test_encode_needs_only_the_tokenizer(tmp_path: Path, reference: dict) -> None:
+    only = tmp_path / "tok"
+    only.mkdir()
+    shutil.copy(TOKENIZER_MODEL, only / "tokenizer.model")
+    for case in reference["chat_inputs"][:3]:
+        out = cli("encode", "--weights", str(only), "--prompt", case["query"], "--history",
+                  json.dumps(case["history"]))
+        assert out.returncode == 0, out.stderr
+        ids = json.loads(out.stdout)
+        assert ids == case["input_ids"]
+        direct = ChatGLMTokenizer.from_dir(only).build_chat_input(
+            build_messages(case["query"], history=case["history"]))
+        assert ids == direct
+
+
+# ---- saying what is happening ----
+
+def test_loading_messages_on_stderr_answer_alone_on_stdout() -> None:
+    out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "4")
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"loading weights {TINY_CKPT} on cpu as float32"
+    assert lines[1:3] == ["loading shard 1/2: pytorch_model-00001-of-00002.bin",
+                          "loading shard 2/2: pytorch_model-00002-of-00002.bin"]
+    assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[3])
+    assert len(lines) == 4
+    assert "loading" not in out.stdout and "ready" not in out.stdout
+
+
+def test_shard_progress_is_a_bar_on_a_terminal() -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    code = ("import torch; from chatglm3.checkpoint import load_model; "
+            f"load_model({str(TINY_CKPT)!r}, 'cpu', torch.float32, progress=True)")
+    main, side = pty.openpty()
+    # A terminal 100 columns wide: a new pty has 0, and tqdm then draws nothing.
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], stderr=side, env=ENV, cwd=ROOT,
+                              timeout=120)
+        os.close(side)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the child's end is closed and everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "loading shards" in text and "2/2" in text and "\r" in text
+
+
+# ---- Ctrl-C ----
+
+@contextmanager
+def started(*args: str, stdin: bool = False) -> Iterator[subprocess.Popen]:
+    """`python -m chatglm3 ARGS` running; killed after 3 minutes, so a hang fails the test
+    instead of stalling the suite."""
+    proc = subprocess.Popen([sys.executable, "-m", "chatglm3", *args], env=ENV, cwd=ROOT,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    watchdog = threading.Timer(180, proc.kill)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        with proc:
+            yield proc
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ctrl_c_in_generate_ends_the_line() -> None:
+    with started("generate", *TINY, *LONG) as proc:
+        _interrupt_generate(proc)
+
+
+def _interrupt_generate(proc: subprocess.Popen) -> None:
+    first = proc.stdout.read1(4096)  # some of the answer has arrived
+    assert first
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=60)
+    text, err = (first + rest).decode(), err.decode()
+    assert proc.returncode == 130, err
+    assert text.endswith("\n") and len(text) > 1
+    assert "Traceback" not in err
+    m = re.search(r"^cancelled after (\d+) tokens$", err, re.M)
+    assert m and 0 < int(m[1]) < LONG_RUN_TOKENS, err
+
+
+def test_ctrl_c_in_generate_json_still_prints_the_record() -> None:
+    with started("generate", *TINY, *LONG, "--json") as proc:
+        _interrupt_generate_json(proc)
+
+
+def _interrupt_generate_json(proc: subprocess.Popen) -> None:
+    line = b""
+    while not line.startswith(b"ready"):  # the model is loaded ...
+        line = proc.stderr.readline()
+        assert line, "no 'ready' line"
+    time.sleep(0.5)  # ... and has generated for a while
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err
+    assert out.endswith(b"}\n") and out.count(b"\n") == 1  # one record
+    record = json.loads(out)
+    assert record["stop_reason"] == "cancelled"
+    assert 0 < record["output_token_count"] == len(record["output_ids"]) < LONG_RUN_TOKENS
+    assert record["text"] and record["seed"] == 14
+
+
+def test_ctrl_c_in_chat_cancels_the_answer_and_goes_on() -> None:
+    with started("chat", *TINY, *LONG[2:], "--stats", stdin=True) as proc:
+        _interrupt_chat(proc)
+
+
+def _interrupt_chat(proc: subprocess.Popen) -> None:
+    proc.stdin.write(b"Tell me a very long story.\n")
+    proc.stdin.flush()
+    seen = b""
+    while b"ChatGLM: " not in seen or seen.endswith(b"ChatGLM: "):
+        chunk = proc.stdout.read1(4096)
+        assert chunk, seen
+        seen += chunk
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    # Ctrl-C cut the answer, not the session: it still reads the next line.
+    rest, err = proc.communicate(b"stop\n", timeout=60)
+    out = (seen + rest).decode()
+    assert proc.returncode == 0, err
+    assert "[interrupted]" in out
+    m = re.search(r"\((\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, stop: (\w+)\)", out)
+    assert m, out
+    assert m[3] == "cancelled" and 0 < int(m[2]) < LONG_RUN_TOKENS
+    assert "Traceback" not in err.decode()
+
+
+# ---- scripts/run and paths ----
+
+def _run_env() -> dict[str, str]:
+    env = dict(ENV)
+    env.pop("PYTHONPATH")  # scripts/run makes the package importable by itself
+    return env
+
+
+def test_scripts_run_relative_paths_from_the_users_directory(tmp_path: Path,
+                                                             reference: dict) -> None:
+    (tmp_path / "ckpt").symlink_to(TINY_CKPT, target_is_directory=True)
+    (tmp_path / "prompt.txt").write_text("你好\n", encoding="utf-8")
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "run"), "generate", "--weights", "./ckpt", "--dtype", "float32",
+         "--prompt-file", "prompt.txt", "--temperature", "0", "--max-tokens", "24", "--json"],
+        env=_run_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    record = json.loads(out.stdout)
+    assert record["input_ids"] == reference["prompts"][0]["input_ids"]
+    assert record["output_ids"] == reference["prompts"][0]["greedy_generate"]["new_ids"]
+    # The line names the weights by the absolute path the user's ./ckpt stands for.
+    assert f"loading weights {(tmp_path / 'ckpt').resolve()} on cpu as float32" in out.stderr
+
+
+FAKE_VENV = """#!/usr/bin/env bash
+# Stands in for scripts/venv: a .venv whose python is the test's, and the stamp the real one writes.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$root/.venv/bin"
+printf '#!/bin/sh\\nexec %s "$@"\\n' "{python}" >"$root/.venv/bin/python"
+chmod +x "$root/.venv/bin/python"
+stamp=$root/.venv/.installed-$(basename "$1")
+want=$(cat "$root"/requirements*.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "pip progress would be here"
+  echo "$want" >"$stamp"
+fi
+"""
+
+
+def test_scripts_run_says_when_it_installs(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "run", root / "scripts" / "run")
+    venv = root / "scripts" / "venv"
+    venv.write_text(FAKE_VENV.replace("{python}", sys.executable))
+    venv.chmod(0o755)
+    (root / "requirements.txt").write_text("torch\n")
+    (root / "chatglm3").symlink_to(ROOT / "chatglm3", target_is_directory=True)
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([str(root / "scripts" / "run"), "encode", "--help"],
+                              env=_run_env(), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.startswith("first run: ") and "(~1 min)" in first.stderr
+    assert "pip progress would be here" in first.stderr  # the installer's output: on stderr
+    assert first.stdout.startswith("usage: python -m chatglm3 encode")
+    again = run()
+    assert again.returncode == 0 and again.stderr == ""
+    (root / "requirements.txt").write_text("torch\nnumpy\n")
+    changed = run()
+    assert changed.stderr.startswith("the pinned packages changed: updating .venv")
+
+
+def test_pip_install_editable_then_import_from_anywhere(tmp_path: Path) -> None:
+    """pyproject.toml names the package: setuptools accepts the flat layout, and the installed
+    package imports from any directory. Installed from a copy (the editable install writes
+    chatglm3.egg-info next to pyproject.toml) that has the repository's other top-level
+    modules and folders, which are what made setuptools refuse."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "chatglm3", src / "chatglm3",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "predict.py"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("bench", "tests", "scripts"):
+        (src / folder).mkdir()
+        (src / folder / "x.py").write_text("")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    # This interpreter's packages (pip, setuptools, torch, ...) without installing any.
+    site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    Path(site, "_outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+         "-e", str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import chatglm3, chatglm3.engine, importlib.util as u; print(chatglm3.__file__); "
+            "print([m for m in ('bench', 'tests', 'scripts', 'predict') if u.find_spec(m)])")
+    check = subprocess.run([str(py), "-c", code], env=env, cwd=elsewhere, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    where, others = check.stdout.splitlines()
+    assert Path(where) == src / "chatglm3" / "__init__.py"
+    assert others == "[]"
