@@ -17,12 +17,12 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+from .tokenizer import STOP_IDS
+
 
 class CheckpointError(RuntimeError):
     """The checkpoint does not match what the model needs; the message says what and where."""
 
-
-STOP_IDS = [2, 64795, 64797]  # eos, <|user|>, <|observation|>
 
 # ChatGLM3 options this mapping assumes; any other value means another architecture.
 REQUIRED_OPTIONS = {
@@ -56,7 +56,7 @@ def glm_config(cfg: dict) -> GlmConfig:
                 "partial_rotary_factor": 0.5,
             },
             pad_token_id=cfg.get("pad_token_id", 0),
-            eos_token_id=STOP_IDS,
+            eos_token_id=sorted(STOP_IDS),
             tie_word_embeddings=False,
             attn_implementation="sdpa",
         )

@@ -24,6 +24,10 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 EOS_ID = 2
 PAD_ID = 0
+PIECES = 64789  # SentencePiece pieces in ChatGLM3's tokenizer.model; the special tokens follow
+SPECIAL_IDS = {tok: PIECES + i for i, tok in enumerate(SPECIAL_TOKENS)}
+# Where the official chat stops: end of text, or the model starting the next user/tool turn.
+STOP_IDS = frozenset({EOS_ID, SPECIAL_IDS["<|user|>"], SPECIAL_IDS["<|observation|>"]})
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,9 @@ class ChatGLMTokenizer:
         self.eos_id = EOS_ID
         self.pad_id = PAD_ID
         self.prefix_ids = [self.special_ids["[gMASK]"], self.special_ids["sop"]]
-        self.stop_ids = frozenset(
-            {EOS_ID, self.special_ids["<|user|>"], self.special_ids["<|observation|>"]}
-        )
+        if self.special_ids != SPECIAL_IDS:
+            raise ValueError(f"{model_file}: {self.n_pieces} pieces, not ChatGLM3's {PIECES}")
+        self.stop_ids = STOP_IDS
         # No token covers more characters than its piece has (the normalizer only turns
         # spaces into "▁", one for one; byte pieces cover at most one character), which
         # bounds the token count of a text from below without tokenizing it.

@@ -350,7 +350,18 @@ def test_cancelling_one_of_several_leaves_the_others_intact(server: Server, refe
 
 
 def test_no_slot_leaks(server: Server, nihao) -> None:
-    """After all of the above (cancels and failures included) every slot is free again."""
+    """Failed and cancelled predictions give their slots back: after more of each than there are
+    slots, all of them still serve at once."""
+    for _ in range(SLOTS + 1):
+        assert server.predict(prompt="hi", history="[{")["status"] == "failed"
+    for _ in range(2):
+        events: list = []
+        streaming = threading.Event()
+        watcher = _watch(server.base + "/predictions", LONG, events, streaming)
+        assert streaming.wait(60), server.log_tail()
+        assert _call("POST", f"{server.base}/predictions/{events[0][2]['id']}/cancel")[0] == 200
+        watcher.join(15)
+        assert events[-1][2]["status"] == "canceled"
     code, health = _call("GET", server.base + "/health-check")
     assert code == 200 and health["status"] == "READY"
     inputs, expected = nihao

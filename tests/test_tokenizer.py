@@ -127,3 +127,13 @@ def test_min_chat_tokens_is_tight_for_the_longest_pieces(tokenizer: ChatGLMToken
     messages = [Message("user", longest * 100)]
     real = len(tokenizer.build_chat_input(messages))
     assert tokenizer.min_chat_tokens(messages) <= real <= tokenizer.min_chat_tokens(messages) + 3
+
+
+def test_stop_ids_are_the_official_stop_tokens(tokenizer: ChatGLMTokenizer) -> None:
+    """One source: the tokenizer's constants, checked against the real tokenizer.model."""
+    from chatglm3.tokenizer import STOP_IDS
+
+    assert tokenizer.stop_ids == STOP_IDS == {tokenizer.sp.piece_to_id("</s>"),
+                                              tokenizer.special_ids["<|user|>"],
+                                              tokenizer.special_ids["<|observation|>"]}
+    assert tokenizer.sp.id_to_piece(2) == "</s>"
