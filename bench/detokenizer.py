@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from chatglm3.streaming import IncrementalDetokenizer  # noqa: E402
 from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402

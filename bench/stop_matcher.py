@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 import tracemalloc
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from chatglm3.streaming import StopMatcher  # noqa: E402
 

@@ -87,15 +87,6 @@ def write_checkpoint(out: Path, shards: int = 7, seed: int = 0, **sizes: int) ->
     return out
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--shards", type=int, default=7)
-    args = ap.parse_args()
-    print(write_checkpoint(args.out, shards=args.shards, num_layers=args.layers))
-
-
 def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                  **sizes: int):
     """A GlmForCausalLM of the given sizes with random weights, built straight on `device`
@@ -120,3 +111,12 @@ def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed:
                 p.normal_(0.0, scale, generator=g)
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     return model.eval().requires_grad_(False)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=7)
+    args = ap.parse_args()
+    print(write_checkpoint(args.out, shards=args.shards, num_layers=args.layers))
