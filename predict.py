@@ -98,10 +98,31 @@ class Predictor(BaseRunner):
         path = resolve_weights(source, progress=sys.stderr.isatty())
         t2 = time.perf_counter()
         batch = _batch_size()
+        # CHATGLM3_KV_BUDGET (e.g. 7GiB, 8e9): the KV cache's size, planned once; unset: on a
+        # GPU it is planned from the memory left after the weights, on a CPU it grows.
+        raw_budget = os.environ.get("CHATGLM3_KV_BUDGET", "").strip()
+        kv_budget = None
+        if raw_budget:
+            from chatglm3.kv_rows import parse_bytes
+
+            try:
+                kv_budget = parse_bytes(raw_budget)
+            except ValueError as e:
+                raise ValueError(f"CHATGLM3_KV_BUDGET: {e}") from None
         self.engine = Engine.from_pretrained(
             path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
-            max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"))
+            max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
+            kv_budget_bytes=kv_budget)
+        plan = self.engine.kv_plan
+        print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
+        if plan is not None and plan.rows < batch:
+            print(f"KV cache holds {plan.rows} requests at a time; the other predictions of "
+                  f"the {batch} allowed wait for a row, in order", flush=True)
         t3 = time.perf_counter()
+        # Every prefill shape, the decoding graphs recorded and checked against eager steps,
+        # then one short request through the whole path.
+        report = self.engine.warm_up()
+        print(f"warm-up: {report}", flush=True)
         warm = self.engine.generate(build_messages("你好"),
                                     SamplingParams(max_tokens=2, temperature=0.0))
         warm.text()

@@ -1,15 +1,21 @@
 """GPU benchmark, ready for one call on a lent GPU (no download: random full-size weights).
 
 Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and prints:
-batch-1 decode tokens/s (bare forward loop, the engine decoding eagerly, the engine replaying
-CUDA graphs) and the share of the memory-bandwidth floor each reaches, whether graphs give the
-same greedy tokens as eager steps, aggregate decode tokens/s at 8 and 32 streams (eager and
-graphs), and time to first token at 1k, 8k and 32k prompt tokens.
+0. setup: the KV cache each engine planned (rows x positions, from the free memory) and what
+   its warm-up did: prefill shapes, decoding graphs recorded and how long that took, the
+   graphs-vs-eager self-check;
+1. batch-1 decode tokens/s (bare forward loop, the engine decoding eagerly, the engine
+   replaying CUDA graphs) and the share of the memory-bandwidth floor each reaches (target:
+   graphs >= 90%);
+2. whether graphs give the same greedy tokens as eager steps;
+3. aggregate decode tokens/s at 8 and 32 streams (eager and graphs);
+4. time to first token at 1k, 8k and 32k prompt tokens.
 Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28] [--tokens 128]
   or, where that Python lacks our pinned transformers: scripts/gpu_bench_prepare here, then
   scripts/gpu_bench there (carrying .device/).
-Smoke test here: python bench/gpu.py --device cpu --dtype bfloat16 --layers 1 --tokens 4
-    --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed
+Smoke test here (CPU, a 1-layer model, the graphs' fixed shapes without recording, a KV budget
+of two whole-context rows): python bench/gpu.py --device cpu --dtype bfloat16 --layers 1
+    --tokens 4 --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed --kv-budget 64MiB
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 from chatglm3.engine import Engine  # noqa: E402
+from chatglm3.kv_rows import parse_bytes  # noqa: E402
 from chatglm3.params import SamplingParams  # noqa: E402
 from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
 from decode import PROMPT, bare_loop, engine_streams  # noqa: E402
@@ -73,6 +80,9 @@ def main() -> None:
     ap.add_argument("--compare", default="graphs", choices=["graphs", "fixed"],
                     help="decoding steps to set against eager ones (fixed: graphs' shapes, no "
                          "recording; runs on CPU)")
+    ap.add_argument("--kv-budget", type=parse_bytes, default=None,
+                    help="KV cache bytes per engine, e.g. 8GiB (default: planned from the free "
+                         "GPU memory; on CPU, grown on demand)")
     args = ap.parse_args()
     device = torch.device(args.device)
     t0 = time.perf_counter()
@@ -80,10 +90,23 @@ def main() -> None:
     built = time.perf_counter() - t0
     tokenizer = ChatGLMTokenizer(TOKENIZER)
     max_batch = max(args.streams + [1])
-    engines = {"eager": Engine(model, tokenizer, max_batch=max_batch, decode_step="eager")}
-    if device.type == "cuda" or args.compare == "fixed":
-        engines[args.compare] = Engine(model, tokenizer, max_batch=max_batch,
-                                       decode_step=args.compare)
+    labels = ["eager"] + ([args.compare] if device.type == "cuda" or args.compare == "fixed"
+                          else [])
+    engines: dict[str, Engine] = {}
+    setups: dict[str, str] = {}
+    for label in labels:  # one after the other: each plans from what the last one left free
+        t = time.perf_counter()
+        try:
+            engine = Engine(model, tokenizer, max_batch=max_batch, decode_step=label,
+                            kv_budget_bytes=args.kv_budget)
+        except Exception as e:  # noqa: BLE001 - report it, go on with what can run
+            setups[label] = f"FAILED to start: {type(e).__name__}: {e}"
+            continue
+        planned = time.perf_counter() - t
+        engines[label] = engine
+        setups[label] = (f"KV cache {engine.kv_plan or 'grown on demand'}; engine built in "
+                         f"{planned:.2f} s (on a GPU: measuring the worst prefill chunk, "
+                         f"allocating the cache); max_batch {engine.max_batch}")
     name, bandwidth = peak_bandwidth(device)
     bandwidth = args.bandwidth or bandwidth
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -93,9 +116,15 @@ def main() -> None:
           f"weights, built in {built:.1f} s; torch {torch.__version__}")
     prompt = tokenizer.build_chat_input([]) + tokenizer.encode_text(PROMPT)
 
+    def setup() -> None:
+        for label, line in setups.items():
+            print(f"  {label}: {line}")
+            if label in engines:
+                print(f"  {label} warm-up: {engines[label].warm_up()}")
+
     def batch_one() -> None:
         for engine in engines.values():
-            engine_streams(engine, 1, 8)  # warm-up (and the graphs' first recording)
+            engine_streams(engine, 1, 8)  # warm-up of the whole streaming path
         rates = [("bare forward loop (eager)", bare_loop(model, prompt, args.tokens))]
         rates += [(f"engine, {label} steps", engine_streams(engine, 1, args.tokens)[0])
                   for label, engine in engines.items()]
@@ -115,18 +144,20 @@ def main() -> None:
         eager = greedy_ids(engines["eager"], prompt, args.tokens)
         ids = greedy_ids(other, prompt, args.tokens)
         same = next((i for i, (a, b) in enumerate(zip(eager, ids)) if a != b), len(eager))
+        fell_back = other.decode_step == "eager"
         print(f"  {args.compare}: greedy tokens identical to eager for the first {same} of "
-              f"{len(eager)}{'' if other._fixed else ' (FELL BACK to eager steps)'}")
+              f"{len(eager)}{' (FELL BACK to eager steps)' if fell_back else ''}")
 
     def streams() -> None:
         print(f"{'streams':<10}{'steps':<8}{'decode tok/s':>14}{'wall tok/s':>12}")
         for n in args.streams:
             for label, engine in engines.items():
                 rate, wall = engine_streams(engine, n, args.tokens)
-                print(f"{n:<10}{label:<8}{rate:>14.1f}{wall:>12.1f}")
+                waited = " (more streams than KV rows: some waited)" if n > engine.max_batch else ""
+                print(f"{n:<10}{label:<8}{rate:>14.1f}{wall:>12.1f}{waited}")
 
     def ttft() -> None:
-        engine = engines.get(args.compare, engines["eager"])
+        engine = engines.get(args.compare) or engines["eager"]
         print(f"{'prompt tokens':<15}{'TTFT s':>8}{'prefill tok/s':>15}")
         filler = tokenizer.encode_text("The quick brown fox 跳过了懒狗. " * 4000)
         for n in args.ttft:
@@ -136,7 +167,9 @@ def main() -> None:
             took = gen.result.time_to_first_token
             print(f"{n:<15}{took:>8.2f}{n / took:>15.0f}")
 
-    section("1. batch-1 decode vs the bandwidth floor", batch_one)
+    section("0. setup: KV cache plan and warm-up (prefill shapes, graph recording, self-check)",
+            setup)
+    section("1. batch-1 decode vs the bandwidth floor (target: graphs >= 90%)", batch_one)
     section(f"2. {args.compare} vs eager steps, greedy tokens", same_tokens)
     section("3. concurrent streams (aggregate while all decode; wall incl. prefills)", streams)
     section("4. time to first token", ttft)

@@ -1,12 +1,27 @@
 """Picking next tokens for a batch of requests, each with its own settings and seed.
 
-transformers' logits warpers take one temperature / top-k / top-p for the whole batch, so
-running them request by request costs ~20 tensor ops (GPU launches) per request per step: at
-32 streams more than the forward pass itself. Here temperature, top-k and top-p run once for
-the batch with per-row values, with the same rules as those warpers; the repetition penalty
-(rare, and per-row history) still uses transformers' processor, row by row. The random draw
-is one uniform number per request from its own seeded generator on the host, turned into a
-token by inverse CDF, so a request's draws do not depend on the others in its batch.
+transformers' ordinary logits warpers take one temperature / top-k / top-p for the whole
+batch, so running them request by request costs ~20 tensor ops (GPU launches) per request per
+step: at 32 streams more than the forward pass itself. Here temperature, top-k and top-p run
+once for the batch with per-row values, with the same rules as those warpers; the repetition
+penalty (rare, and per-row history) still uses transformers' processor, row by row. The random
+draw is one uniform number per request from its own seeded generator on the host, turned into
+a token by inverse CDF, so a request's draws do not depend on the others in its batch.
+
+transformers 5.24 does have per-row warpers, for its continuous batching
+(generation/continuous_batching/cb_logits_processors.py: ContinuousBatchingTemperature-,
+-TopK- and -TopPLogitsWarper); tests/test_sampling.py checks that the tokens we keep are the
+ones they keep. They don't fit here:
+- they only filter; the draw in that path is `torch.multinomial` on the process-wide
+  generator (ModelRunner._sample), so no request has its own seed. The draw, with a seed per
+  request, still has to be ours;
+- each takes its values as one packed int32 row (floats viewed as int32) that
+  `prepare_tensor_args` fills from their FutureRequestState objects: using them means
+  imitating their scheduler's bookkeeping;
+- top-k and top-p each sort the vocabulary, and the inverse-CDF draw needs it sorted once more;
+  here one sort serves all three;
+- greedy rows (temperature 0) would divide by zero: their batch is either all sampled or all
+  greedy (one `do_sample` per manager).
 """
 
 from __future__ import annotations
@@ -20,8 +35,9 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from .params import MAX_SEED, SamplingParams
 
 
-class Sampler:
-    """One request's settings and its seeded source of uniform draws."""
+class RequestSampling:
+    """One request's sampling settings, its seed and its seeded source of uniform draws (the
+    picking itself is `pick`, for the whole batch)."""
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
@@ -34,20 +50,28 @@ class Sampler:
         return self.rng.random()
 
 
-def pick(logits: torch.Tensor, samplers: Sequence[Sampler],
-         history: Sequence[torch.Tensor]) -> list[int]:
+def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
+         history: Sequence[torch.Tensor | None]) -> list[int]:
     """The next token of each row: `logits` [batch, vocab]; `history[i]` [1, n] ids so far of
     row i (read only by the repetition penalty)."""
-    scores = logits.float()
-    for i, s in enumerate(samplers):
-        if s.penalty is not None:
-            scores[i : i + 1] = s.penalty(history[i], scores[i : i + 1])
+    return pick_tensor(logits, samplings, history).tolist()
+
+
+def pick_tensor(logits: torch.Tensor, samplings: Sequence[RequestSampling],
+                history: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """As `pick`, on the device: [batch] token ids (no host sync until the caller reads them)."""
+    penalised = [i for i, s in enumerate(samplings) if s.penalty is not None]
+    # A copy when rows change: fp32 logits' .float() is the caller's tensor itself (on a GPU,
+    # a graph's output buffer).
+    scores = logits.to(torch.float32, copy=bool(penalised))
+    for i in penalised:
+        scores[i : i + 1] = samplings[i].penalty(history[i], scores[i : i + 1])
     tokens = scores.argmax(-1)
-    rows = [i for i, s in enumerate(samplers) if not s.params.greedy]
+    rows = [i for i, s in enumerate(samplings) if not s.params.greedy]
     if rows:
-        settings = [(samplers[i].params, samplers[i].uniform()) for i in rows]
+        settings = [(samplings[i].params, samplings[i].uniform()) for i in rows]
         tokens[rows] = _sample(scores[rows], settings)
-    return tokens.tolist()
+    return tokens
 
 
 def _sample(scores: torch.Tensor, settings: list[tuple[SamplingParams, float]]) -> torch.Tensor:
@@ -56,13 +80,23 @@ def _sample(scores: torch.Tensor, settings: list[tuple[SamplingParams, float]]) 
     vocab = scores.shape[-1]
     host = torch.tensor([[p.temperature, p.top_k or vocab, p.top_p, u] for p, u in settings])
     temperature, top_k, top_p, u = host.to(scores.device).unbind(-1)
+    order, probs, keep = kept_tokens(scores, temperature, top_k, top_p)
+    cdf = (probs * keep).cumsum(-1)
+    pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
+    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)
+    return order.gather(1, pos)[:, 0]
+
+
+def kept_tokens(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row temperature, top-k (a count, vocab = off) and top-p on `scores` [batch, vocab]:
+    (order, probs, keep), all [batch, vocab] in descending order of the scores: the token ids,
+    their probabilities after temperature and top-k, and which of them top-p keeps."""
+    vocab = scores.shape[-1]
     ordered, order = torch.sort(scores / temperature[:, None], dim=-1, descending=True)
     within_k = torch.arange(vocab, device=scores.device) < top_k[:, None]
     probs = torch.softmax(ordered.masked_fill(~within_k, float("-inf")), dim=-1)
     before = probs.cumsum(-1) - probs  # probability mass ranked above each token
     keep = (before < top_p[:, None]) & within_k
     keep[:, 0] = True  # the top token always stays
-    cdf = (probs * keep).cumsum(-1)
-    pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
-    pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)
-    return order.gather(1, pos)[:, 0]
+    return order, probs, keep

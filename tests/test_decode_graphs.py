@@ -1,7 +1,8 @@
 """Fixed-shape decoding (the shapes CUDA graphs record) gives the official outputs.
 
-CUDA graphs cannot be recorded without a GPU, so these tests run the same padded, whole-capacity
-steps eagerly ("fixed"), and check the fallback a GPU takes when recording fails.
+CUDA graphs cannot be recorded without a GPU, so these tests run the same padded steps (batch and
+read length in buckets) eagerly ("fixed"): they check the tokens, what a step reads, and the
+fallbacks a GPU takes when recording fails or graphs disagree with eager steps at setup.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chatglm3.decode_graphs import FixedShapeDecoder, batch_buckets
+from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, read_buckets
 from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
@@ -132,9 +133,120 @@ def test_fixed_step_has_no_host_round_trips(tiny_model_fp32) -> None:
     with torch.inference_mode():
         decoder(torch.tensor([[5], [6], [7]]), torch.tensor([3, 4, 5]))  # makes the bucket-4 step
         with OpLog() as fixed_ops:
-            decoder._forward(decoder._steps[4])
+            decoder._forward(decoder._steps[4, 256])
         with OpLog() as default_ops:
             kv.prepare_step(torch.tensor([3, 4, 5]))  # no read_len: must sync to find it
     assert "linear" in fixed_ops.ops and "scaled_dot_product_attention" in fixed_ops.ops
     assert not fixed_ops.ops & HOST_SYNC_OPS
     assert default_ops.ops & HOST_SYNC_OPS
+
+
+def test_public_decode_steps_leave_out_the_test_mode(tiny_model_fp32, tokenizer) -> None:
+    from chatglm3.engine import DECODE_STEPS
+
+    assert DECODE_STEPS == ("auto", "eager", "graphs")
+    with pytest.raises(ValueError, match=r"one of auto, eager, graphs, got 'fast'"):
+        Engine(tiny_model_fp32, tokenizer, decode_step="fast")
+    engine = Engine(tiny_model_fp32, tokenizer, decode_step="fixed")  # still a test keyword
+    assert engine.decode_step == "fixed"
+    engine.close()
+
+
+def test_graph_count_is_batch_buckets_times_read_lengths() -> None:
+    """The planned A40 cache (8 rows x 32,768) gives 4 x 8 = 32 graphs; 32 streams, 48."""
+    kv = KVRows(28, 2, 128, torch.device("meta"), torch.float16, rows=8, capacity=32768,
+                growable=False)
+    assert read_buckets(32768) == [256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
+    assert len(FixedShapeDecoder(None, kv, max_batch=8, record=False).shapes()) == 32
+    assert read_buckets(20000)[-2:] == [16384, 20000]
+    big = KVRows(28, 2, 128, torch.device("meta"), torch.float16, rows=32, capacity=32768)
+    assert len(FixedShapeDecoder(None, big, max_batch=32, record=False).shapes()) == 48
+    for n in range(1, 20001, 7):
+        b = next(r for r in read_buckets(20000) if r >= n)
+        assert n <= b <= max(2 * n - 1, MIN_READ)
+
+
+def test_steps_read_what_their_furthest_row_needs(fixed: Engine, reference: dict) -> None:
+    """Long and short requests come and go on the fixed-shape path (the graphs' shapes): every
+    step reads at most twice its furthest row (256 positions at least), not the whole cache,
+    which the 6,118-token prompt grew to 8,192 positions; and every request still gives its
+    official tokens."""
+    kv = fixed._kv
+    steps: list[tuple[int, int, int]] = []  # (furthest row, positions read, capacity)
+    prepare = kv.prepare_step
+
+    def counting(positions: torch.Tensor, read_len: int | None = None) -> torch.Tensor:
+        mask = prepare(positions, read_len)
+        steps.append((int(positions.max()) + 1, kv._read_len, kv.capacity))
+        return mask
+
+    kv.prepare_step = counting
+    try:
+        prompts = reference["prompts"]
+        short, medium, long = prompts
+        first = [fixed.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
+                 for p, n in ((short, 24), (long, 4), (medium, 6))]
+        for g in first[1:]:
+            g.text()
+        later = fixed.generate_ids(medium["input_ids"], SamplingParams(max_tokens=12, **GREEDY))
+        later.text()
+        first[0].text()
+    finally:
+        del kv.prepare_step
+    for gen, p, n in zip(first + [later], (short, long, medium, medium), (24, 4, 6, 12)):
+        assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
+    assert all(furthest <= read <= max(2 * furthest, MIN_READ) for furthest, read, _ in steps)
+    assert max(read for _, read, _ in steps) == 8192  # while the long one decoded
+    short_after_long = [read for furthest, read, cap in steps if cap >= 8192 and furthest < 400]
+    assert short_after_long and max(short_after_long) <= 512
+
+
+def test_warm_up_checks_fixed_steps_against_eager(tiny_model_fp32, tokenizer, reference):
+    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
+    try:
+        report = engine.warm_up(prefill=False)
+        assert report.check == "fixed-shape steps give eager steps' greedy tokens"
+        assert report.decode_step == "fixed" and engine._fixed is not None
+        prompt = reference["prompts"][1]
+        gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+        gen.text()
+        assert gen.result.output_ids == prompt["greedy_generate"]["new_ids"]
+    finally:
+        engine.close()
+
+
+def test_warm_up_falls_back_to_eager_when_graph_tokens_differ(tiny_model_fp32, tokenizer,
+                                                              reference, caplog) -> None:
+    """A fixed path (on a GPU: graphs) that picks other tokens than eager steps must never
+    serve: warm-up switches to eager steps and says why."""
+    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
+    decoder = engine._fixed
+    real = decoder._forward
+    decoder._forward = lambda step: real(step).roll(1, dims=-1)  # wrong tokens, as a bad graph
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatglm3.engine"):
+            report = engine.warm_up(prefill=False)
+        assert engine._fixed is None and report.decode_step == engine.decode_step == "eager"
+        assert "disagree with eager steps" in report.check and "step 1, row 1" in report.check
+        assert "decoding eagerly: fixed-shape steps disagree with eager steps" in caplog.text
+        prompt = reference["prompts"][1]
+        gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
+        gen.text()
+        assert gen.result.output_ids == prompt["greedy_generate"]["new_ids"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="recording must fail, so no CUDA")
+def test_warm_up_falls_back_when_recording_fails(tiny_model_fp32, tokenizer, caplog) -> None:
+    engine = Engine(tiny_model_fp32, tokenizer, decode_step="fixed")
+    engine._fixed.record = True  # on CPU recording fails for real
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatglm3.engine"):
+            report = engine.warm_up(prefill=False)
+        assert engine._fixed is None and report.decode_step == "eager"
+        assert report.check.startswith("graphs failed to set up: ")
+        assert report.check.endswith("; decoding eagerly")
+        assert "decoding eagerly: graphs failed to set up" in caplog.text
+    finally:
+        engine.close()

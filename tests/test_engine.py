@@ -188,17 +188,28 @@ def test_bad_settings_name_the_field(engine: Engine) -> None:
 
 
 def test_cancel_from_another_thread_stops_within_one_step(engine: Engine) -> None:
+    """The stream is consumed on one thread and cancelled from another (as a server's cancel
+    arrives): at most the forward pass under way when cancel() came runs after it."""
     gen = engine.generate(build_messages("go on"), SamplingParams(max_tokens=500, **GREEDY))
+    third = threading.Event()
+    received = []
+
+    def consume() -> None:
+        for delta in gen:
+            received.append(delta)
+            if len(received) == 3:
+                third.set()
+
     with ForwardCounter(engine.model) as counter:
-        received = 0
-        for _ in gen:
-            received += 1
-            if received == 3:
-                canceller = threading.Thread(target=gen.cancel)
-                canceller.start()
-                canceller.join()
-                calls_at_cancel = counter.calls
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        assert third.wait(60)
+        gen.cancel()
+        calls_at_cancel = counter.calls
+        consumer.join(60)
+        assert not consumer.is_alive()
     assert counter.calls - calls_at_cancel <= 1
+    assert len(received) >= 3 and "".join(received) == gen.result.text
     assert gen.result.stop_reason == "cancelled"
     assert gen.result.output_token_count < 500
     after = engine.generate(build_messages("again"), SamplingParams(max_tokens=4, **GREEDY))
@@ -283,7 +294,51 @@ def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dic
     keep = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
     drop = engine.generate(build_messages("stop me"), SamplingParams(max_tokens=2000, **GREEDY))
     it = iter(drop)
-    next(it)
+    first = next(it)
     drop.cancel()
     assert keep.text() == engine.tokenizer.decode(prompt["greedy_generate"]["new_ids"])
-    assert list(it) is not None and drop.result.stop_reason == "cancelled"
+    rest = list(it)  # what was streamed before the cancel took effect; then the stream ends
+    assert drop.result.stop_reason == "cancelled"
+    assert first + "".join(rest) == drop.result.text
+    assert 1 <= drop.result.output_token_count < 2000
+
+
+def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, reference) -> None:
+    """A decoding step runs the same number of device ops for 1 request as for 4 (the batch's
+    tokens go to the device, and into the id history, in one op each; they used to be
+    written one request at a time), driven here on the test's thread without the worker."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chatglm3.engine import GenerationResult, _Request
+    from chatglm3.sampling import RequestSampling
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view  # views are metadata, no device work
+            return func(*args, **(kwargs or {}))
+
+    def ops_for(batch: int) -> int:
+        other = Engine(engine.model, engine.tokenizer, max_batch=4)
+        running = []
+        with torch.inference_mode():
+            for i in range(batch):
+                ids = reference["prompts"][0]["input_ids"] + [100 + i]
+                params = SamplingParams(max_tokens=10, **GREEDY)
+                r = _Request(ids, RequestSampling(params), GenerationResult(max_tokens=10),
+                             engine.tokenizer, other.device)
+                while not other._prefill_step(r):
+                    pass
+                assert not other._finished_after(r, r.prefill_token)
+                other._admit(r, running)
+            other._decode_step(running)  # shapes met once
+            with CountOps() as count:
+                other._decode_step(running)
+        assert [len(r.result.output_ids) for r in running] == [3] * batch
+        other.close()
+        return count.ops
+
+    assert ops_for(1) == ops_for(4)

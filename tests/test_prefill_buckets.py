@@ -209,3 +209,21 @@ def test_cache_holds_exactly_the_prompt(engine: Engine, monkeypatch: pytest.Monk
         assert k.shape[2] == v.shape[2] == n
         torch.testing.assert_close(k, pk, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, pv, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_meets_every_prefill_shape(tiny_model_fp32, no_stop_tokenizer) -> None:
+    """Setup's warm-up runs one chunk of each bucket length, so no request meets a prefill
+    shape for the first time; the engine then serves as before."""
+    engine = Engine(tiny_model_fp32, no_stop_tokenizer)
+    try:
+        with PrefillRecorder(engine.model) as rec:
+            report = engine.warm_up()
+        assert sorted(rec.shapes) == [(1, b) for b in PREFILL_BUCKETS]
+        assert report.prefill_shapes == len(PREFILL_BUCKETS)
+        assert report.decode_step == "eager" and report.graphs == 0 and not report.check
+        assert f"{len(PREFILL_BUCKETS)} prefill shapes" in str(report)
+        with PrefillRecorder(engine.model) as rec:
+            greedy(engine, random_prompt(300, seed=1), max_tokens=3)
+        assert set(rec.shapes) <= {(1, b) for b in PREFILL_BUCKETS}
+    finally:
+        engine.close()

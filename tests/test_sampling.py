@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LogitsProcessorList
+from transformers.generation.continuous_batching.cb_logits_processors import (
+    ContinuousBatchingTemperatureLogitsWarper,
+    ContinuousBatchingTopKLogitsWarper,
+    ContinuousBatchingTopPLogitsWarper,
+)
 from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 from chatglm3.params import GREEDY_BELOW_TEMPERATURE, SamplingParams
-from chatglm3.sampling import Sampler, pick
+from chatglm3.sampling import RequestSampling, kept_tokens, pick
 
 VOCAB = 12
 LOGITS = torch.tensor([2.0, 1.5, 1.4, 1.0, 0.5, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, 0.9])
@@ -31,7 +35,7 @@ def hf_probs(params: SamplingParams) -> torch.Tensor:
 
 def draws(params: SamplingParams, n: int) -> torch.Tensor:
     """n draws from n requests with seeds 0..n-1, all in one batch."""
-    samplers = [Sampler(SamplingParams(**{**params.__dict__, "seed": s})) for s in range(n)]
+    samplers = [RequestSampling(SamplingParams(**{**params.__dict__, "seed": s})) for s in range(n)]
     tokens = pick(LOGITS.expand(n, VOCAB), samplers, [None] * n)
     return torch.bincount(torch.tensor(tokens), minlength=VOCAB).double() / n
 
@@ -57,7 +61,7 @@ def test_greedy_top_k_one_and_tiny_top_p_are_argmax() -> None:
     logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0))
     settings = [dict(temperature=0), dict(temperature=0, seed=3), dict(top_k=1, temperature=5),
                 dict(top_p=1e-9), dict(top_p=1e-9, temperature=5), dict(top_k=1, top_p=0.5)]
-    samplers = [Sampler(SamplingParams(**s)) for s in settings]
+    samplers = [RequestSampling(SamplingParams(**s)) for s in settings]
     assert pick(logits, samplers, [None] * 6) == logits.argmax(-1).tolist()
 
 
@@ -67,8 +71,8 @@ def test_rows_are_independent_of_their_batch() -> None:
     logits = torch.randn(5, 500, generator=gen) * 3
     settings = [dict(seed=1), dict(temperature=0), dict(seed=2, top_k=7, temperature=1.3),
                 dict(seed=3, top_p=0.5), dict(seed=4, temperature=0.2)]
-    together = pick(logits, [Sampler(SamplingParams(**s)) for s in settings], [None] * 5)
-    alone = [pick(logits[i : i + 1], [Sampler(SamplingParams(**s))], [None])[0]
+    together = pick(logits, [RequestSampling(SamplingParams(**s)) for s in settings], [None] * 5)
+    alone = [pick(logits[i : i + 1], [RequestSampling(SamplingParams(**s))], [None])[0]
              for i, s in enumerate(settings)]
     assert together == alone
 
@@ -76,19 +80,29 @@ def test_rows_are_independent_of_their_batch() -> None:
 def test_seed_repeats_and_differs() -> None:
     logits = torch.zeros(1, 50000)  # uniform: different seeds must give different tokens
     def run(seed: int) -> list[int]:
-        s = Sampler(SamplingParams(seed=seed, temperature=1.0, top_p=1.0))
+        s = RequestSampling(SamplingParams(seed=seed, temperature=1.0, top_p=1.0))
         return [pick(logits, [s], [None])[0] for _ in range(8)]
     assert run(5) == run(5) != run(6)
 
 
 def test_repetition_penalty_only_on_its_row() -> None:
-    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
-    history = torch.tensor([[0]])
-    penalised = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5))
-    plain = Sampler(SamplingParams(temperature=0))
-    assert pick(logits, [penalised, plain], [history, None]) == [1, 0]
-    expected = RepetitionPenaltyLogitsProcessor(1.5)(history, logits[:1].clone()).argmax(-1)
-    assert expected.item() == 1
+    """Seen tokens' logits are divided by the penalty when positive and multiplied when
+    negative (3.0 -> 2.0 loses to 2.9; -0.5 -> -0.75 loses to -0.6), in the penalised rows
+    only, wherever they sit in the batch; the caller's logits are left as they were."""
+    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0], [-0.5, -0.6, -9.0],
+                           [-0.5, -0.6, -9.0]])
+    before = logits.clone()
+    penalised = RequestSampling(SamplingParams(temperature=0, repetition_penalty=1.5))
+    plain = RequestSampling(SamplingParams(temperature=0))
+    seen = torch.tensor([[0, 0]])  # a repeated id is penalised once
+    assert pick(logits, [penalised, plain, plain, penalised], [seen, None, None, seen]) == [
+        1, 0, 0, 1]
+    assert pick(logits, [plain, penalised, penalised, plain], [None, seen, seen, None]) == [
+        0, 1, 1, 0]
+    assert torch.equal(logits, before)
+    # A penalty below 1 favours seen tokens: 2.9 / 0.5 = 5.8 beats 3.0.
+    favour = RequestSampling(SamplingParams(temperature=0, repetition_penalty=0.5))
+    assert pick(logits[:1], [favour], [torch.tensor([[1]])]) == [1]
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-310, 1e-300, 1e-45, 1e-38, 1e-10, 9.99e-5])
@@ -100,7 +114,7 @@ def test_temperatures_below_the_threshold_are_greedy(temperature: float) -> None
     params.validate()
     assert params.greedy
     logits = torch.randn(16, 5000, generator=torch.Generator().manual_seed(3)) * 4
-    samplers = [Sampler(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
+    samplers = [RequestSampling(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
                 for s in range(16)]
     assert pick(logits, samplers, [None] * 16) == logits.argmax(-1).tolist()
 
@@ -112,7 +126,7 @@ def test_temperatures_from_the_threshold_up_sample_finite_distributions(temperat
     (unless its lead is tiny)."""
     logits = torch.randn(64, 5000, generator=torch.Generator().manual_seed(4)) * 30
     logits[:, 0] = logits.max() + 1.0  # a clear winner in every row
-    samplers = [Sampler(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
+    samplers = [RequestSampling(SamplingParams(temperature=temperature, top_p=1.0, seed=s))
                 for s in range(64)]
     assert not SamplingParams(temperature=temperature).greedy
     tokens = pick(logits, samplers, [None] * 64)
@@ -122,3 +136,27 @@ def test_temperatures_from_the_threshold_up_sample_finite_distributions(temperat
     flat = torch.randn(1, 5000, generator=torch.Generator().manual_seed(5)).expand(64, -1)
     spread = len(set(pick(flat, samplers, [None] * 64)))
     assert spread > 8 if temperature >= 1.0 else spread < 8  # hot draws spread, cold ones don't
+
+
+def test_kept_tokens_equal_transformers_per_row_warpers() -> None:
+    """transformers 5.24's continuous-batching warpers take per-row temperature / top-k /
+    top-p (sampling.py says why we don't use them): in a batch of mixed settings, every row
+    keeps exactly the tokens they keep."""
+    gen = torch.Generator().manual_seed(7)
+    vocab = 3000
+    scores = torch.randn(6, vocab, generator=gen) * 3
+    temperature = torch.tensor([1.0, 0.7, 1.3, 2.0, 0.5, 1.0])
+    top_k = torch.tensor([vocab, 50, 7, vocab, 1, 300])
+    top_p = torch.tensor([0.9, 1.0, 0.6, 0.3, 0.8, 0.95])
+    order, _, keep = kept_tokens(scores, temperature, top_k, top_p)
+    ours = torch.zeros_like(keep).scatter(1, order, keep)
+
+    as_int32 = lambda t: t.to(torch.float32).view(torch.int32)  # noqa: E731 - their storage
+    theirs = ContinuousBatchingTemperatureLogitsWarper(TemperatureLogitsWarper(1.0))(
+        scores, as_int32(temperature))
+    theirs = ContinuousBatchingTopKLogitsWarper(TopKLogitsWarper(vocab))(
+        theirs, top_k.to(torch.int32))
+    theirs = ContinuousBatchingTopPLogitsWarper(TopPLogitsWarper(0.5))(
+        theirs, as_int32(top_p))
+    assert torch.equal(ours, torch.isfinite(theirs))
+    assert ours.sum(-1)[4] == 1 and int(ours.sum(-1)[2]) <= 7
