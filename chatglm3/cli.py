@@ -70,6 +70,10 @@ def _runtime_parser() -> OneLineParser:
     parser.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
                         help="graphs: replay each decoding step as a CUDA graph; eager: launch it "
                              "from Python (default auto: graphs on a GPU, else eager)")
+    parser.add_argument("--kv-budget", default=None, metavar="BYTES",
+                        help="size of the KV cache, planned once (e.g. 7GiB, 8e9; default: on a "
+                             "GPU, what the memory left after the weights allows; on the CPU it "
+                             "grows as needed)")
     return parser
 
 
@@ -281,6 +285,11 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     dtype = resolve_dtype(args.dtype, device)
     if args.decode_step == "graphs" and device.type != "cuda":
         raise ValueError("decode_step: graphs needs a CUDA device")
+    budget = None
+    if args.kv_budget is not None:
+        from .kv_rows import parse_bytes
+
+        budget = parse_bytes(args.kv_budget)  # a ValueError naming the KV budget
     path = resolve_weights(args.weights)
     where = str(device)
     if device.type == "cuda":
@@ -291,7 +300,13 @@ def load_engine(args: argparse.Namespace) -> "Engine":
         f"{str(dtype).removeprefix('torch.')}")
     start = time.perf_counter()
     model = load_model(path, device, dtype, progress=True)
-    engine = Engine(model, ChatGLMTokenizer.from_dir(path), decode_step=args.decode_step)
+    engine = Engine(model, ChatGLMTokenizer.from_dir(path), decode_step=args.decode_step,
+                    kv_budget_bytes=budget)
+    if engine.kv_plan is not None:
+        say(f"KV cache: {engine.kv_plan}")
+    # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager
+    # steps. On a CPU the prefill shapes would cost minutes of a 6B model for one user's chat.
+    engine.warm_up(prefill=device.type == "cuda")
     say(f"ready in {time.perf_counter() - start:.1f} s ({memory_used(device)})")
     return engine
 

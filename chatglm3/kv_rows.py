@@ -253,13 +253,3 @@ def parse_bytes(text: str) -> int:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
-
-
-def __getattr__(name: str):
-    # decode_logits (a model call) moved to decode_graphs; bench/decode.py still imports it
-    # from here. Lazy: decode_graphs imports this module.
-    if name == "decode_logits":
-        from .decode_graphs import decode_logits
-
-        return decode_logits
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -90,6 +90,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         (["generate", "--prompt", "x", "--prompt-file", "p.txt"], "not allowed with"),
         (["generate", "--prompt-file", "/no/such/prompt.txt"], "/no/such/prompt.txt"),
         (["encode", "--prompt", "x", "--temperature", "0"], "--temperature"),
+        (["generate", "--prompt", "x", "--kv-budget", "lots"], "KV budget"),
     ],
 )
 def test_bad_arguments_one_line_error(args: list[str], fragment: str) -> None:
