@@ -23,6 +23,8 @@ HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE):
   CHATGLM3_DEVICE      auto | cpu | cuda (cog.yaml sets cuda: no silent CPU fallback)
   CHATGLM3_DTYPE       auto | float16 | bfloat16 | float32 (default auto: fp16 on GPU)
   CHATGLM3_DECODE_STEP auto | eager | graphs
+  CHATGLM3_KV_BUDGET   KV cache size, planned once (e.g. 7GiB; default: on a GPU, from the memory
+                       left after the weights; on a CPU the cache grows)
 """
 
 from __future__ import annotations
