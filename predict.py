@@ -159,9 +159,20 @@ class Predictor(BaseRunner):
             default=None, ge=0, le=9007199254740991,
             description="Random seed for sampling; leave out for a random one (the seed used is in the logs)."),
         stop_sequences: str = Input(default="", max_length=16384, description=STOP_HELP),
+        min_tokens: int = Input(
+            default=0, ge=0, le=32768,
+            description="Fewest tokens to generate: the model's end tokens are held back until then (stop_sequences still apply); 0 = off."),
+        presence_penalty: float = Input(
+            default=0.0, ge=-2.0, le=2.0,
+            description="Subtracted once from the score of every token already generated; above 0 brings new topics, 0 = off."),
+        frequency_penalty: float = Input(
+            default=0.0, ge=-2.0, le=2.0,
+            description="Subtracted from a token's score once per time it was already generated; above 0 repeats less, 0 = off."),
     ) -> ConcatenateIterator[str]:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
+                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                min_tokens=min_tokens, presence_penalty=presence_penalty,
+                                frequency_penalty=frequency_penalty)
         try:
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.

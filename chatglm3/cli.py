@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Sequence
 from .messages import build_messages
 from .params import (
     CONTEXT,
+    MAX_PENALTY,
+    MIN_PENALTY,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
@@ -125,6 +127,18 @@ def _sampling_parser() -> OneLineParser:
         help=f"end the answer at this text (not included); repeat for more: --stop A --stop B "
              f"(at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_LENGTH} characters; "
              f"default: none)")
+    parser.add_argument(
+        "--min-tokens", type=int, default=_DEFAULTS.min_tokens, metavar="N",
+        help=f"fewest tokens to generate: the end tokens are held back until then, 0-{CONTEXT} "
+             f"(0 = off; default {_DEFAULTS.min_tokens})")
+    parser.add_argument(
+        "--presence-penalty", type=float, default=_DEFAULTS.presence_penalty, metavar="P",
+        help=f"subtracted once from every token already generated, {MIN_PENALTY:g} to "
+             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.presence_penalty:g})")
+    parser.add_argument(
+        "--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty, metavar="F",
+        help=f"subtracted once per time a token was already generated, {MIN_PENALTY:g} to "
+             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.frequency_penalty:g})")
     return parser
 
 
@@ -315,7 +329,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=args.stop,
+        stop=args.stop, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
     )
     params.validate()  # before the model loads: a typo should not cost a 12 GB load
     return params

@@ -392,7 +392,7 @@ class Engine:
             raise RequestTooLarge(len(ids), max_tokens, self.kv_plan.capacity)
         result = GenerationResult(input_ids=ids, input_token_count=len(ids),
                                   max_tokens=max_tokens, max_tokens_cut=params.max_tokens > room)
-        sampling = RequestSampling(params)
+        sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=self.tokenizer.stop_ids)
         result.seed = sampling.seed
         request = _Request(ids, sampling, result, self.tokenizer, self.device)
         self._start_worker()
@@ -656,7 +656,7 @@ class Engine:
             logits = decode_logits(self.model, self._kv, tokens, positions, furthest)
         history = self._history[:batch]
         picked = pick_tensor(logits, [r.sampling for r in running],
-                             [history[i : i + 1, : r.length] if r.sampling.penalty else None
+                             [history[i : i + 1, : r.length] if r.sampling.needs_history else None
                               for i, r in enumerate(running)])
         # The batch's new tokens into the id history: one device op, whatever the batch.
         history[self._row_index[:batch], positions + 1] = picked

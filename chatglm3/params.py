@@ -20,6 +20,9 @@ MAX_TEMPERATURE = 5.0
 # overflows (1e-300 is 0 in fp32), and from here down sampling is greedy in all but ties.
 GREEDY_BELOW_TEMPERATURE = 1e-4
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 10.0
+# OpenAI's presence and frequency penalties, with their range: subtracted from a token's logit
+# once if it has been generated at all, and once per time it has been generated.
+MIN_PENALTY, MAX_PENALTY = -2.0, 2.0
 # Seeds up to 2**53 - 1: integers a JSON client in JavaScript (the Replicate web UI) keeps exact,
 # and which a float64 schema bound states exactly.
 MAX_SEED = 2**53 - 1
@@ -44,6 +47,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0  # the stop tokens are suppressed until this many tokens are out
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def validate(self) -> None:
         """Checks every setting against its limit, naming the field; integral floats (4.0,
@@ -52,7 +58,7 @@ class SamplingParams:
         def bad(name: str, limit: str) -> None:
             raise SettingsError(f"{name}: must be {limit}, got {getattr(self, name)!r}")
 
-        for name in ("max_tokens", "top_k", "seed"):
+        for name in ("max_tokens", "top_k", "seed", "min_tokens"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(self, name, int(value))
@@ -72,6 +78,12 @@ class SamplingParams:
                                       f"{MAX_REPETITION_PENALTY:g} (1 = off)")
         if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
             bad("seed", f"an integer from 0 to {MAX_SEED} (2**53-1)")
+        if not _integer(self.min_tokens) or not 0 <= self.min_tokens <= CONTEXT:
+            bad("min_tokens", f"an integer from 0 to {CONTEXT} (0 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not MIN_PENALTY <= value <= MAX_PENALTY:
+                bad(name, f"from {MIN_PENALTY:g} to {MAX_PENALTY:g} (0 = off)")
         self._validate_stop()
 
     def _validate_stop(self) -> None:

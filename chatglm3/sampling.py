@@ -4,7 +4,9 @@ transformers' ordinary logits warpers take one temperature / top-k / top-p for t
 batch, so running them request by request costs ~20 tensor ops (GPU launches) per request per
 step: at 32 streams more than the forward pass itself. Here temperature, top-k and top-p run
 once for the batch with per-row values, with the same rules as those warpers; the repetition
-penalty (rare, and per-row history) still uses transformers' processor, row by row. The random
+penalty (rare, and per-row history) still uses transformers' processor, row by row, and so do the
+presence/frequency penalties and min_tokens (their counts kept per request, updated with the
+step's new token only). The random
 draw is one uniform number per request from its own seeded generator on the host, turned into
 a token by inverse CDF, so a request's draws do not depend on the others in its batch.
 
@@ -27,7 +29,7 @@ ones they keep. They don't fit here:
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -37,35 +39,73 @@ from .params import MAX_SEED, SamplingParams
 
 class RequestSampling:
     """One request's sampling settings, its seed and its seeded source of uniform draws (the
-    picking itself is `pick`, for the whole batch)."""
+    picking itself is `pick`, for the whole batch), and the per-request state its logit
+    adjustments need: the counts of the tokens it generated, and which tokens stop it.
 
-    def __init__(self, params: SamplingParams) -> None:
+    `prompt_len`: where its generated tokens start in the id history `pick` is given;
+    `stop_ids`: the tokens `min_tokens` holds back."""
+
+    def __init__(self, params: SamplingParams, prompt_len: int = 0,
+                 stop_ids: Iterable[int] = ()) -> None:
         self.params = params
         self.seed = params.seed if params.seed is not None else random.randrange(MAX_SEED + 1)
         self.rng = random.Random(self.seed)  # draws on the host: no device op, no sync
         self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
                         if params.repetition_penalty != 1.0 else None)
+        self.prompt_len = prompt_len
+        self.stop_ids = sorted(stop_ids)
+        self.counts: torch.Tensor | None = None  # [vocab] times each token was generated
+        self._counted = prompt_len  # history positions already in `counts`
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether `pick` must be given this request's ids so far (the default settings never
+        need them: per-row work only for the requests that ask for it)."""
+        p = self.params
+        return (self.penalty is not None or p.min_tokens > 0 or p.presence_penalty != 0
+                or p.frequency_penalty != 0)
 
     def uniform(self) -> float:
         return self.rng.random()
+
+    def adjust(self, scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """This row's scores [1, vocab] after the repetition penalty (over prompt and output,
+        transformers' processor), the presence/frequency penalties (OpenAI's: over the
+        generated tokens, once per token / once per occurrence) and min_tokens (stop tokens
+        held back until that many are out). `history` [1, n]: the ids so far."""
+        p = self.params
+        if self.penalty is not None:
+            scores = self.penalty(history, scores)
+        if p.presence_penalty or p.frequency_penalty:
+            if self.counts is None:
+                self.counts = torch.zeros(scores.shape[-1], device=scores.device)
+            new = history[0, self._counted :]  # the tokens since the last step: O(1) per step
+            self.counts.index_add_(0, new, torch.ones(new.shape, device=scores.device))
+            self._counted = history.shape[1]
+            scores = scores - (p.frequency_penalty * self.counts
+                               + p.presence_penalty * (self.counts > 0).float())
+        if history.shape[1] - self.prompt_len < p.min_tokens and self.stop_ids:
+            scores = scores.index_fill(-1, torch.tensor(self.stop_ids, device=scores.device),
+                                       float("-inf"))
+        return scores
 
 
 def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
          history: Sequence[torch.Tensor | None]) -> list[int]:
     """The next token of each row: `logits` [batch, vocab]; `history[i]` [1, n] ids so far of
-    row i (read only by the repetition penalty)."""
+    row i (read only for requests that `needs_history`)."""
     return pick_tensor(logits, samplings, history).tolist()
 
 
 def pick_tensor(logits: torch.Tensor, samplings: Sequence[RequestSampling],
                 history: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """As `pick`, on the device: [batch] token ids (no host sync until the caller reads them)."""
-    penalised = [i for i, s in enumerate(samplings) if s.penalty is not None]
+    adjusted = [i for i, s in enumerate(samplings) if s.needs_history]
     # A copy when rows change: fp32 logits' .float() is the caller's tensor itself (on a GPU,
     # a graph's output buffer).
-    scores = logits.to(torch.float32, copy=bool(penalised))
-    for i in penalised:
-        scores[i : i + 1] = samplings[i].penalty(history[i], scores[i : i + 1])
+    scores = logits.to(torch.float32, copy=bool(adjusted))
+    for i in adjusted:
+        scores[i : i + 1] = samplings[i].adjust(scores[i : i + 1], history[i])
     tokens = scores.argmax(-1)
     rows = [i for i, s in enumerate(samplings) if not s.params.greedy]
     if rows:

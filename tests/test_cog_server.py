@@ -131,6 +131,9 @@ def test_sse_streams_token_by_token(server: Server, nihao) -> None:
     ({"prompt": "x", "history": [["q", "a"]]}, "history"),  # history is JSON *text*
     ({"prompt": "x", "seed": None}, "seed"),             # leave optional inputs out, not null
     ({"prompt": "x", "seed": 2**53}, "seed"),            # above 2**53-1 (exact in JSON clients)
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
     ({"prompt": "x", "stop_sequences": "x" * 16385}, "stop_sequences"),
     ({"prompt": "x", "history": " " * (8 * 2**20 + 1)}, "history"),
 ])
@@ -432,3 +435,22 @@ def test_huge_prompt_is_rejected_from_its_length(server: Server, nihao) -> None:
     assert f"{CONTEXT} tokens" in body["error"]
     assert elapsed < 10, elapsed  # mostly moving 30 MB of JSON through coglet
     assert server.text(**nihao[0]) == nihao[1]
+
+
+def test_min_tokens_and_penalties_per_prediction(server: Server, reference, tokenizer) -> None:
+    """The official greedy chat of this prompt ends on a stop token after 26 tokens;
+    min_tokens holds it back, and the penalties change what comes, request by request."""
+    inputs, case = _chat_case(reference, "ends_on_stop_id")
+    inputs = {**inputs, "max_tokens": 40}
+    plain = server.predict(**inputs)
+    held = server.predict(**inputs, min_tokens=35)
+    assert plain["metrics"]["output_token_count"] == 26 and "stop_reason=stop_token" in plain["logs"]
+    assert held["metrics"]["output_token_count"] >= 35
+    assert "".join(held["output"]).startswith(case["chat_response"])
+    # the plain answer repeats no token, so positive penalties leave it as it is; a negative
+    # frequency penalty pulls the answer back to its own tokens
+    assert server.predict(**inputs, presence_penalty=2.0, frequency_penalty=1.0)["output"] == \
+        plain["output"]
+    repeat = server.predict(**inputs, frequency_penalty=-2.0)
+    assert repeat["status"] == "succeeded" and repeat["output"] != plain["output"]
+

@@ -65,6 +65,15 @@ def test_literals_equal_chatglm3s_defaults_and_limits(predictor) -> None:
     most = params.MAX_STOP_SEQUENCES * (2 * params.MAX_STOP_LENGTH + 1)
     assert most <= kw["stop_sequences"]["max_length"] <= 4 * most
     assert predictor.concurrency_max == DEFAULT_MAX_BATCH
+    assert kw["min_tokens"]["default"] == 0 and (kw["min_tokens"]["ge"], kw["min_tokens"]["le"]) == (
+        0, params.CONTEXT)
+    for name in ("presence_penalty", "frequency_penalty"):
+        assert kw[name]["default"] == 0
+        assert (kw[name]["ge"], kw[name]["le"]) == (params.MIN_PENALTY, params.MAX_PENALTY)
+    defaults = params.SamplingParams()  # every input's default is the Python API's default
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                 "min_tokens", "presence_penalty", "frequency_penalty"):
+        assert kw[name]["default"] == getattr(defaults, name), name
     # the numbers the descriptions state are the enforced ones
     assert f"{params.CONTEXT}-token" in kw["max_tokens"]["description"]
     assert f"below {params.GREEDY_BELOW_TEMPERATURE:g}" in kw["temperature"]["description"]
