@@ -11,8 +11,8 @@ Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and pr
 3. aggregate decode tokens/s at 8 and 32 streams (eager and graphs);
 4. time to first token at 1k, 8k and 32k prompt tokens.
 Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28] [--tokens 128]
-  or, where that Python lacks our pinned transformers: scripts/gpu_bench_prepare here, then
-  scripts/gpu_bench there (carrying .device/).
+  or, where that Python lacks our pinned transformers: bench/gpu_prepare here, then
+  bench/gpu_run there (carrying .device/).
 Smoke test here (CPU, a 1-layer model, the graphs' fixed shapes without recording, a KV budget
 of two whole-context rows): python bench/gpu.py --device cpu --dtype bfloat16 --layers 1
     --tokens 4 --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed --kv-budget 64MiB
