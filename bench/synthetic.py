@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from chatglm3.params import CONTEXT
+
 REAL = dict(num_layers=28, hidden_size=4096, num_attention_heads=32, kv_channels=128,
             multi_query_group_num=2, ffn_hidden_size=13696, padded_vocab_size=65024)
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ def chatglm_config(**sizes: int) -> dict:
     cfg.update(model_type="chatglm", add_bias_linear=False, add_qkv_bias=True,
                apply_residual_connection_post_layernorm=False, layernorm_epsilon=1e-5,
                multi_query_attention=True, original_rope=True, post_layer_norm=True,
-               rmsnorm=True, rope_ratio=50, seq_length=32768, torch_dtype="float16",
+               rmsnorm=True, rope_ratio=50, seq_length=CONTEXT, torch_dtype="float16",
                eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     return cfg
 

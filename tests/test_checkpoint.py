@@ -117,3 +117,11 @@ def test_missing_config(tmp_path: Path) -> None:
     (ckpt / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
         load_model(ckpt, "cpu", torch.float32)
+
+
+def test_the_context_is_the_checkpoints_seq_length() -> None:
+    """params.CONTEXT (what the schema's and CLI's limits say) is the 32k config's seq_length."""
+    from chatglm3.params import CONTEXT
+
+    assert json.loads((TINY_CKPT / "config.json").read_text())["seq_length"] == CONTEXT
+    assert glm_config(json.loads((TINY_CKPT / "config.json").read_text())).max_position_embeddings == CONTEXT
