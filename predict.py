@@ -15,7 +15,7 @@ an async run(), but coglet 0.23.1 streams only plain generators (it collects asy
 chatglm3.coglet_cancel explains how cancel still reaches the engine.
 
 Environment (besides what chatglm3.download reads: CHATGLM3_REVISION, CHATGLM3_WEIGHTS_DIR,
-HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE):
+HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DOWNLOAD_TIMEOUT):
   COG_WEIGHTS          checkpoint: a directory, hub repo id "owner/name[@rev]" or .tar URL
                        (Cog passes it to setup(weights=...); unset = the default hub repo)
   COG_MAX_CONCURRENCY  predictions at once = the engine's batch size (cog build bakes in the
@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import os
-import sys
 import time
 from typing import Iterator, Optional
 
@@ -97,7 +96,7 @@ class Predictor(BaseRunner):
         t1 = time.perf_counter()
         source = weights or None
         print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source, progress=sys.stderr.isatty())
+        path = resolve_weights(source)
         t2 = time.perf_counter()
         batch = _batch_size()
         # CHATGLM3_KV_BUDGET (e.g. 7GiB, 8e9): the KV cache's size, planned once; unset: on a
@@ -111,12 +110,21 @@ class Predictor(BaseRunner):
                 kv_budget = parse_bytes(raw_budget)
             except ValueError as e:
                 raise ValueError(f"CHATGLM3_KV_BUDGET: {e}") from None
+        # CHATGLM3_PREFIX_CACHE: 0/1 (also off/on, false/true); unset = on with a GPU only.
+        raw_prefix = os.environ.get("CHATGLM3_PREFIX_CACHE", "").strip().lower()
+        prefix_cache = None
+        if raw_prefix:
+            if raw_prefix not in ("0", "1", "off", "on", "false", "true"):
+                raise ValueError(f"CHATGLM3_PREFIX_CACHE: expected 0 or 1, got {raw_prefix!r}")
+            prefix_cache = raw_prefix in ("1", "on", "true")
         self.engine = Engine.from_pretrained(
             path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
             max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
-            kv_budget_bytes=kv_budget)
+            kv_budget_bytes=kv_budget, prefix_cache=prefix_cache)
         plan = self.engine.kv_plan
         print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
+        print(f"prefix cache: {'on' if self.engine.prefix_cache else 'off'} "
+              "(CHATGLM3_PREFIX_CACHE)", flush=True)
         if plan is not None and plan.rows < batch:
             print(f"KV cache holds {plan.rows} requests at a time; the other predictions of "
                   f"the {batch} allowed wait for a row, in order", flush=True)
@@ -215,9 +223,11 @@ class Predictor(BaseRunner):
         if r.stop_reason == "cancelled":  # cancel() reached the engine: the stream just ended
             print(f"cancelled after {r.output_token_count} tokens", flush=True)
             return
+        self.record_metric("cached_input_token_count", r.cached_input_token_count)
         self.record_metric("output_token_count", r.output_token_count)
         self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
         self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))
         print(f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
+              f"cached_input_tokens={r.cached_input_token_count} "
               f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
               flush=True)

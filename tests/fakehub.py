@@ -4,15 +4,20 @@ Endpoints (as huggingface_hub 2.4 calls them):
   GET  /api/models/{repo}/revision/{rev}         model info; siblings with sizes (`?blobs=true`)
   GET  /api/models/{repo}/tree/{rev}[/{path}]    the file listing snapshot_download downloads from
   HEAD /{repo}/resolve/{rev}/{file}              X-Repo-Commit, ETag, Content-Length
-  GET  /{repo}/resolve/{rev}/{file}              the bytes; `Range: bytes=N-` answered with 206
+  GET  /{repo}/resolve/{rev}/{file}              the bytes; `Range: bytes=N-[M]` answered with 206
   GET  /static/{name}                            plain files (tar archives), Range too
 Errors carry the hub's X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound).
+`FakeHub.ranges = False`: a server without Range support (200 and the whole file, always).
+Every request is logged with the body bytes it was sent (`Request.sent`, `FakeHub.sent()`).
 
-Faults (`FakeHub.faults`) hit the requests whose path contains `match`:
+Faults (`FakeHub.faults`) hit the requests whose path contains `match`, after `skip` of them:
   "500"      answer HTTP 500
   "drop"     send the headers and half the body, then close the connection
   "truncate" serve the file cut to half its size, Content-Length included, so the HTTP transfer
              itself is clean (the hub's listing keeps the true size); HEADs see it, GETs use it up
+  "hang"     accept the request and never answer (until `reset()` or `stop()`)
+  "stall"    send the headers and half the body, then nothing more (until `reset()`/`stop()`)
+  "slow"     send the body at `rate` bytes/s
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,10 +36,12 @@ from urllib.parse import unquote, urlsplit
 
 @dataclass
 class Fault:
-    kind: str            # "500" | "drop" | "truncate"
+    kind: str            # "500" | "drop" | "truncate" | "hang" | "stall" | "slow"
     match: str           # substring of the request path
     times: int = 1       # how many requests it spoils; -1: all of them
     method: str = "GET"  # "GET", "HEAD" or "*"
+    skip: int = 0        # matching requests let through before it starts
+    rate: int = 0        # "slow": bytes per second
 
 
 @dataclass
@@ -41,6 +49,8 @@ class Request:
     method: str
     path: str
     headers: dict[str, str]  # names lower-cased
+    status: int = 0
+    sent: int = 0            # body bytes written to the connection
 
 
 @dataclass
@@ -65,6 +75,8 @@ class FakeHub:
         self.static: dict[str, bytes] = {}
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
+        self.ranges = True
+        self._release = threading.Event()  # ends "hang" and "stall"
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -86,6 +98,13 @@ class FakeHub:
         with self._lock:
             self.faults.clear()
             self.requests.clear()
+            self.ranges = True
+            self._release.set()
+            self._release = threading.Event()
+
+    def sent(self, match: str = "") -> int:
+        """Body bytes sent for the GETs whose path contains `match`."""
+        return sum(r.sent for r in self.seen("GET", match))
 
     def seen(self, method: str | None = None, match: str = "") -> list[Request]:
         with self._lock:
@@ -111,6 +130,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -127,6 +147,9 @@ class FakeHub:
             for f in self.faults:
                 head_of_truncated = f.kind == "truncate" and method == "HEAD"
                 if f.times != 0 and f.match in path and (f.method in ("*", method) or head_of_truncated):
+                    if f.skip > 0 and not head_of_truncated:
+                        f.skip -= 1
+                        continue
                     if f.times > 0 and not head_of_truncated:  # HEADs see a truncation, GETs spend it
                         f.times -= 1
                     return f
@@ -154,8 +177,15 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         with self.hub._lock:
             headers = {k.lower(): v for k, v in self.headers.items()}
-            self.hub.requests.append(Request(self.command, path, headers))
-        fault = self.hub._take_fault(self.command, path)
+            self._request = Request(self.command, path, headers)
+            self.hub.requests.append(self._request)
+            release = self.hub._release
+        fault = self._fault = self.hub._take_fault(self.command, path)
+        self._released = release
+        if fault is not None and fault.kind == "hang":
+            release.wait(60)
+            self.close_connection = True
+            return
         if fault is not None and fault.kind == "500":
             return self._send(500, b"Internal Server Error", body=body)
         if m := _API.fullmatch(path):
@@ -174,10 +204,9 @@ class _Handler(BaseHTTPRequestHandler):
                                                             "X-Repo-Commit": commit}, body)
             f = repo.files[name]
             data = f.data[: len(f.data) // 2] if fault is not None and fault.kind == "truncate" else f.data
-            return self._file(data, {"ETag": f'"{f.etag}"', "X-Repo-Commit": commit}, body,
-                              drop=fault is not None and fault.kind == "drop")
+            return self._file(data, {"ETag": f'"{f.etag}"', "X-Repo-Commit": commit}, body)
         if path.startswith("/static/") and (data := self.hub.static.get(path[len("/static/"):])) is not None:
-            return self._file(data, {}, body, drop=fault is not None and fault.kind == "drop")
+            return self._file(data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"'}, body)
         self._send(404, b"Not found", body=body)
 
     # --- pieces ----------------------------------------------------------------------------------
@@ -217,17 +246,21 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, obj) -> None:
         self._send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
-    def _file(self, data: bytes, headers: dict[str, str], body: bool, drop: bool) -> None:
-        start, status = 0, 200
-        if body and (m := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))):
+    def _file(self, data: bytes, headers: dict[str, str], body: bool) -> None:
+        start, end, status = 0, len(data), 200
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if body and m and self.hub.ranges:
             start, status = int(m.group(1)), 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        headers["Accept-Ranges"] = "bytes"
+            end = min(int(m.group(2)) + 1, len(data)) if m.group(2) else len(data)
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        if self.hub.ranges:
+            headers["Accept-Ranges"] = "bytes"
         headers["Content-Type"] = "application/octet-stream"
-        self._send(status, data[start:], headers, body, drop=drop)
+        self._send(status, data[start:end], headers, body)
 
     def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None,
-              body: bool = True, drop: bool = False) -> None:
+              body: bool = True) -> None:
+        self._request.status = status
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -235,10 +268,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        if drop:  # half the body, then a hard close: the client sees the connection end early
-            self.wfile.write(payload[: len(payload) // 2])
-            self.wfile.flush()
+        kind = self._fault.kind if self._fault is not None else ""
+        try:
+            if kind in ("drop", "stall"):  # half the body, then a hard close, or silence
+                self._write(payload[: len(payload) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                if kind == "stall":
+                    self._released.wait(60)
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            step = 64 << 10
+            for i in range(0, len(payload), step):
+                self._write(payload[i:i + step])
+                if kind == "slow":
+                    self.wfile.flush()
+                    time.sleep(step / self._fault.rate)
+        except OSError:  # the client went away
             self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        self.wfile.write(payload)
+
+    def _write(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self._request.sent += len(data)
