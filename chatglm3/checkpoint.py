@@ -17,6 +17,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+from .download import LAYOUTS
 from .tokenizer import STOP_IDS
 
 
@@ -108,8 +109,7 @@ def map_tensor(name: str, tensor: torch.Tensor, config: GlmConfig) -> dict[str, 
 
 def shard_files(model_dir: Path) -> list[Path]:
     """The weight files of a checkpoint, from its index when sharded."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in LAYOUTS:
         index = model_dir / index_name
         if index.is_file():
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
