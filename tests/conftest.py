@@ -25,6 +25,7 @@ TINY_CKPT = GOLDEN / "ckpt"
 
 # Whole modules that start servers or subprocesses, or read ../shared outside fixtures.
 SLOW_MODULES = {"test_cog_server", "test_cog_image_env", "test_cli", "test_cli_first_hour",
+                "test_download_resume",
                 "test_download", "test_cog_schema"}
 SHARED_MODULES = {"test_checkpoint", "test_cli", "test_cli_first_hour", "test_cog_server",
                   "test_download", "test_prefill_buckets", "test_tokenizer", "test_predictor"}

@@ -106,9 +106,3 @@ def test_growth_out_of_memory_leaves_the_cache_whole(tiny_model_fp32, monkeypatc
 
 def test_bytes_per_token(tiny_model_fp32) -> None:
     assert rows_for(tiny_model_fp32).bytes_per_token == 2 * 2 * 2 * 64 * 4
-
-
-def test_decode_logits_moved_but_still_importable_from_kv_rows() -> None:
-    assert kv_rows.decode_logits is decode_logits
-    with pytest.raises(AttributeError):
-        kv_rows.no_such_name  # noqa: B018

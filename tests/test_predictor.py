@@ -12,7 +12,8 @@ from chatglm3.engine import Engine, PromptTooLong
 from predict import Predictor
 
 ARGS = dict(system_prompt="", history="", max_tokens=2, temperature=0.0, top_p=1.0, top_k=0,
-            repetition_penalty=1.0, seed=None, stop_sequences="")
+            repetition_penalty=1.0, seed=None, stop_sequences="", min_tokens=0,
+            presence_penalty=0.0, frequency_penalty=0.0)
 
 
 @pytest.fixture(scope="module")
