@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import chatglm3.kv_rows as kv_rows
-from chatglm3.decode_graphs import decode_logits
 from chatglm3.kv_rows import KVRows
 
 
