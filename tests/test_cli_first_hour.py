@@ -169,7 +169,7 @@ def test_loading_messages_on_stderr_answer_alone_on_stdout() -> None:
     out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "4")
     assert out.returncode == 0, out.stderr
     lines = out.stderr.splitlines()
-    assert lines[0] == f"loading weights {TINY_CKPT} on cpu as float32"
+    assert lines[0] == f"loading weights {TINY_CKPT.resolve()} on cpu as float32"
     assert lines[1:3] == ["loading shard 1/2: pytorch_model-00001-of-00002.bin",
                           "loading shard 2/2: pytorch_model-00002-of-00002.bin"]
     assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[3])
