@@ -76,6 +76,9 @@ def _runtime_parser() -> OneLineParser:
                         help="size of the KV cache, planned once (e.g. 7GiB, 8e9; default: on a "
                              "GPU, what the memory left after the weights allows; on the CPU it "
                              "grows as needed)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="do not keep finished requests' keys/values for later ones sharing "
+                             "a prefix (default: kept with a GPU, not on the CPU)")
     return parser
 
 
@@ -315,7 +318,8 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     start = time.perf_counter()
     model = load_model(path, device, dtype, progress=True)
     engine = Engine(model, ChatGLMTokenizer.from_dir(path), decode_step=args.decode_step,
-                    kv_budget_bytes=budget)
+                    kv_budget_bytes=budget,
+                    prefix_cache=False if args.no_prefix_cache else None)
     if engine.kv_plan is not None:
         say(f"KV cache: {engine.kv_plan}")
     # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager

@@ -42,6 +42,7 @@ from .decode_graphs import FixedShapeDecoder, decode_logits
 from .devices import resolve_device, resolve_dtype
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .params import SamplingParams
+from .prefix_cache import ALIGN as PREFIX_ALIGN, PrefixCache, as_ids
 from .sampling import RequestSampling, pick_tensor
 from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer, Message
@@ -68,9 +69,13 @@ def _prefill_buckets(smallest: int = 16, largest: int = PREFILL_CHUNK) -> tuple[
 # (and 1..max_batch in decoding); the attention's key length for a chunk is begin +
 # its padded length, begin a multiple of PREFILL_CHUNK, so at most 15 x ceil(context /
 # PREFILL_CHUNK) = 240 query/key shape pairs for a 32K context. (Decoding reads a new key length
-# every step, but SDPA keeps no per-shape state: measured flat.) Cost: at most 50% more work on
-# the last chunk, and in fp32 the real positions' results move by rounding (~1e-6 relative):
-# SDPA's CPU kernel blocks the work by query length.
+# every step, but SDPA keeps no per-shape state: measured flat.) With the prefix cache a prefill
+# starts at a reused length L, a multiple of prefix_cache.ALIGN (16), and its chunks at L + k x
+# PREFILL_CHUNK: the linear layers still see only these 15 row counts; attention's key lengths
+# become any multiple of 8 up to the context (15 x 2,048 query/key pairs at most), which SDPA
+# also keeps no state for (bf16 CPU, 1,200 chunks at distinct key lengths: RSS within +-30 MB,
+# no trend). Cost: at most 50% more work on the last chunk, and in fp32 the real positions'
+# results move by rounding (~1e-6 relative): SDPA's CPU kernel blocks the work by query length.
 PREFILL_BUCKETS = _prefill_buckets()
 
 
@@ -80,6 +85,10 @@ def prefill_bucket(n: int) -> int:
 
 
 DEFAULT_MAX_BATCH = 8
+# With the prefix cache on, a planned KV cache takes up to this many rows beyond max_batch (as
+# many as its budget holds) to keep finished requests' keys/values in; every lookup compares
+# the input with each entry (numpy, ~30 us per 32k-id entry).
+MAX_PREFIX_ROWS = 256
 # What a user may choose. "fixed" (the graphs' padded shapes, run eagerly, so that CPU tests
 # check them) is a test-only keyword, accepted but not offered.
 DECODE_STEPS = ("auto", "eager", "graphs")
@@ -132,6 +141,7 @@ class GenerationResult:
     output_ids: list[int] = field(default_factory=list)
     stop_reason: str = ""  # stop_token | stop_sequence | max_tokens | cancelled | error
     input_token_count: int = 0
+    cached_input_token_count: int = 0  # input positions reused from the prefix cache, not run
     output_token_count: int = 0
     time_to_first_token: float = 0.0
     tokens_per_second: float = 0.0
@@ -189,6 +199,7 @@ class _Request:
         self.prefill_cache: DynamicCache | None = None
         self.prefilled = 0
         self.prefill_token: int | None = None  # the token picked from the prompt's logits
+        self.kv_len = 0  # positions whose keys/values are written (set when a token is taken)
         self.wake: Callable[[], None] | None = None  # set by an asyncio consumer
 
     def start(self) -> None:
@@ -291,13 +302,23 @@ class Engine:
     order, strictly first in, first out: all rows are alike, so no request could start sooner
     by overtaking, and none is passed over.
 
+    The prefix cache (`prefix_cache`; None = on with a CUDA device, off elsewhere): a finished
+    or cancelled request's keys and values stay in its row, keyed by its token ids, and a later
+    request reuses the longest cached prefix of its input instead of prefilling it (follow-up
+    turns, shared system prompts and documents); GenerationResult.cached_input_token_count
+    says how much. Entries only fill rows no request runs in, and are evicted, least recently
+    used first, when a request needs the row: they never make a request wait. A planned cache
+    then takes as many rows as its budget holds (up to max_batch + MAX_PREFIX_ROWS), max_batch of
+    them running; a growing (CPU) cache keeps entries in up to max_batch rows. prefix_cache.py
+    has the design.
+
     Call `warm_up()` once before serving (setup): it meets every prefill shape, records the
     decoding graphs and checks them against eager steps.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: ChatGLMTokenizer,
                  max_batch: int = DEFAULT_MAX_BATCH, decode_step: str = "auto",
-                 kv_budget_bytes: int | None = None) -> None:
+                 kv_budget_bytes: int | None = None, prefix_cache: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         param = next(model.parameters())
@@ -313,12 +334,18 @@ class Engine:
         cfg = model.config
         layout = (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
         per_token = kv_bytes_per_token(*layout, self.dtype.itemsize)
+        if prefix_cache is None:
+            # Off on a CPU: there a grown cache is never given back, and entries would keep up
+            # to max_batch rows at the longest length seen (tests and benches turn it on).
+            prefix_cache = self.device.type == "cuda"
+        self._prefix = PrefixCache() if prefix_cache else None
+        rows_wanted = max_batch + (MAX_PREFIX_ROWS if prefix_cache else 0)
         self.kv_plan: KVPlan | None = None
         if kv_budget_bytes is not None:
-            rows, capacity = plan_rows(kv_budget_bytes, per_token, max_batch, self.context)
+            rows, capacity = plan_rows(kv_budget_bytes, per_token, rows_wanted, self.context)
             self.kv_plan = KVPlan(rows, capacity, per_token, kv_budget_bytes, "configured")
         elif self.device.type == "cuda":
-            self.kv_plan = self._plan_from_gpu_memory(per_token, max_batch)
+            self.kv_plan = self._plan_from_gpu_memory(per_token, rows_wanted)
         if self.kv_plan is not None:
             max_batch = min(max_batch, self.kv_plan.rows)
             self._kv = KVRows(*layout, self.device, self.dtype, rows=self.kv_plan.rows,
@@ -327,6 +354,9 @@ class Engine:
         else:
             self._kv = KVRows(*layout, self.device, self.dtype)
         self.max_batch = max_batch
+        # Entries sit in rows past the running ones, where the fixed-shape decoder's padding
+        # rows would write (see KVRows.prepare_step).
+        self._kv.padding_to_scratch = self._prefix is not None
         # Every running request's ids (prompt and output so far), row i for cache row i: the
         # repetition penalty reads them, and a step's new tokens go in with one device op.
         self._history = torch.zeros(max_batch, self.context, dtype=torch.long, device=self.device)
@@ -346,6 +376,20 @@ class Engine:
         dev = resolve_device(device)
         model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
         return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether finished requests' keys/values are kept for later requests to reuse."""
+        return self._prefix is not None
+
+    def prefix_cache_entries(self) -> list[tuple[int, int]]:
+        """The cached entries as (cache row, positions held), least recently used first.
+        Runs on the worker thread once no request is running or prefilling (for tests and
+        debugging; it waits for the engine to be idle)."""
+        if self._prefix is None:
+            return []
+        prefix = self._prefix
+        return self._on_worker(lambda: [(row, prefix.length(row)) for row in prefix.lru_rows()])
 
     @property
     def decode_step(self) -> str:
@@ -419,6 +463,17 @@ class Engine:
         report = job.result()
         log.info("warm-up: %s", report)
         return report
+
+    def _on_worker(self, fn: Callable[[], object]) -> object:
+        """Runs fn on the worker thread when no request is running or prefilling."""
+        job: Future = Future()
+        self._start_worker()
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("engine closed")
+            self._jobs.append((fn, job))
+            self._wake.notify()
+        return job.result()
 
     def close(self) -> None:
         """Stops the worker thread (requests still running or waiting end as cancelled)."""
@@ -529,16 +584,21 @@ class Engine:
         or cancelled). An error fails r alone; serving goes on."""
         try:
             if r.cancelled.is_set():
+                self._keep_prefill(r.prompt, r.prefill_cache, len(running))
                 r.finish("cancelled")
                 return True
             if not self._prefill_step(r):
                 return False
+            cache = r.prefill_cache
             if not self._finished_after(r, r.prefill_token):
                 self._admit(r, running)
+            else:  # done at its first token (max_tokens 1, a stop token): still worth keeping
+                self._keep_prefill(r.prompt, cache, len(running))
             return True
         except torch.OutOfMemoryError:
             log.warning("out of memory in a prefill chunk", exc_info=True)
         except Exception as e:  # noqa: BLE001 - reported to the request, serving goes on
+            self._drop_prefix_cache()  # it may have failed halfway through moving an entry
             r.finish("error", e)
             return True
         # Out of memory, handled out here: inside the except block the error's traceback
@@ -560,6 +620,7 @@ class Engine:
             for r in running:
                 r.finish("error", e)
             running.clear()
+            self._drop_prefix_cache()  # it may have failed halfway through a row swap
             return
         failed, n = list(running), len(running)
         running.clear()
@@ -572,6 +633,7 @@ class Engine:
         """Frees what the failed requests held (they have let go of it); returns the message
         to fail each of them with."""
         if not running:
+            self._drop_prefix_cache()
             self._kv.reset()  # a grown (CPU-style) cache back to its first size
         where = "GPU memory" if self.device.type == "cuda" else "memory"
         if self.device.type == "cuda":
@@ -608,6 +670,8 @@ class Engine:
         if r.prefill_cache is None:
             r.start()
             r.prefill_cache = DynamicCache(config=self.model.config)
+            if self._prefix is not None:
+                self._reuse_prefix(r)
         begin = r.prefilled
         chunk = r.prompt_ids[:, begin : min(begin + PREFILL_CHUNK, len(r.prompt))]
         logits = self._prefill_chunk(chunk, r.prefill_cache, begin)
@@ -620,6 +684,7 @@ class Engine:
     def _admit(self, r: _Request, running: list[_Request]) -> None:
         """Moves a prefilled request (its first token taken) into the next free cache row."""
         row, n = len(running), len(r.prompt)
+        self._vacate(row)
         self._kv.reserve(row + 1, r.length)
         self._kv.store_prefill(row, r.prefill_cache)
         self._history[row, :n] = r.prompt_ids[0]
@@ -665,19 +730,106 @@ class Engine:
                 self._remove(running, i)
 
     def _remove(self, running: list[_Request], i: int) -> _Request:
-        """Takes row i out; the last row moves into its place so the rows stay contiguous."""
+        """Takes row i out; the last row moves into its place so the rows stay contiguous.
+        With the prefix cache, the two rows swap instead, and the gone request's keys/values
+        stay in the last row as an entry."""
         gone, last = running[i], running[-1]
+        src = len(running) - 1
+        keep = gone.kv_len if self._prefix is not None and gone.kv_len >= PREFIX_ALIGN else 0
         if last is not gone:
-            src = len(running) - 1
-            self._kv.move_row(src, i, last.length - 1)
+            if keep:
+                self._kv.swap_rows(i, src, keep, last.length - 1)
+            else:
+                self._kv.move_row(src, i, last.length - 1)
             self._history[i, : last.length] = self._history[src, : last.length]
             running[i] = last
         running.pop()
+        if keep:
+            self._keep(src, gone.prompt + gone.result.output_ids, keep)
         return gone
+
+    # ---- the prefix cache (prefix_cache.py has the design) ----
+
+    def _reuse_prefix(self, r: _Request) -> None:
+        """Starts r's prefill cache with the longest cached prefix of its prompt (a copy of
+        the entry's positions), rounded down to a multiple of PREFIX_ALIGN and one short of the
+        prompt at most: the last prompt token always runs, its logits give the first token."""
+        row, n = self._prefix.match(as_ids(r.prompt))
+        n = min(n, len(r.prompt) - 1) // PREFIX_ALIGN * PREFIX_ALIGN
+        if n <= 0:
+            return
+        self._prefix.touch(row)
+        self._kv.load_prefix(row, n, r.prefill_cache)
+        r.prefilled = r.result.cached_input_token_count = n
+        log.debug("prefix cache: %d of %d prompt positions from row %d", n, len(r.prompt), row)
+
+    def _keep(self, row: int, ids: list[int], n: int) -> None:
+        """Row `row`, out of the running rows now, holds the keys/values of ids[:n]: it
+        becomes an entry (if that is long enough to be reused)."""
+        # The last position is where padding rows write (KVRows.prepare_step): never cached.
+        n = min(n, self._kv.capacity - 1)
+        if n >= PREFIX_ALIGN:
+            self._prefix.insert(row, as_ids(ids[:n]))
+
+    def _keep_prefill(self, prompt: list[int], cache: DynamicCache | None, first: int) -> None:
+        """Stores a request's prefill cache (a finished or cancelled request that never got a
+        row) as an entry, in a spare row at or past `first` (the running rows' end)."""
+        if self._prefix is None or cache is None:
+            return
+        n = cache.get_seq_length()
+        if min(n, self._kv.capacity - 1) < PREFIX_ALIGN:
+            return
+        row = self._spare_row(first)
+        if row is None:
+            return
+        self._kv.reserve(row + 1, n)
+        self._kv.store_prefill(row, cache)
+        self._keep(row, prompt, n)
+
+    def _row_limit(self) -> int:
+        """Rows entries may use: all of a planned cache; max_batch of a growing one."""
+        return self._kv.rows if not self._kv.growable else self.max_batch
+
+    def _spare_row(self, first: int, evict: bool = True) -> int | None:
+        """A row at or past `first` holding nothing (a growing cache grows by one if it may),
+        else, if `evict`, the least recently used entry's row, its entry dropped; else None."""
+        limit = self._row_limit()
+        for row in range(first, min(self._kv.rows, limit)):
+            if row not in self._prefix:
+                return row
+        row = max(first, self._kv.rows)  # growable: one more row (or up to `first`)
+        if row < limit:
+            self._kv.reserve(row + 1, 1)
+            return row
+        oldest = [row for row in self._prefix.lru_rows() if row >= first]
+        if not evict or not oldest:
+            return None
+        self._prefix.pop(oldest[0])
+        return oldest[0]
+
+    def _vacate(self, row: int) -> None:
+        """Clears `row` for a request about to run there: an entry in it moves to a free row,
+        or, with none free, to the least recently used entry's (evicted), unless it is the
+        least recently used one itself, which is then dropped."""
+        if self._prefix is None or row not in self._prefix:
+            return
+        dst = self._spare_row(row + 1, evict=False)
+        if dst is None:
+            if self._prefix.lru_rows()[0] == row:
+                self._prefix.pop(row)
+                return
+            dst = self._spare_row(row + 1)
+        self._kv.move_row(row, dst, self._prefix.length(row))
+        self._prefix.move(row, dst)
+
+    def _drop_prefix_cache(self) -> None:
+        if self._prefix is not None:
+            self._prefix.clear()
 
     def _finished_after(self, r: _Request, token: int) -> bool:
         """Takes r's next token; True when r has finished with it (its stream then closed)."""
         result = r.result
+        r.kv_len = r.length  # the step that chose `token` ran every position up to here
         r.last_token_at = time.perf_counter()
         if not result.output_ids and not result.time_to_first_token:
             r.first_token_at = r.last_token_at
@@ -706,6 +858,7 @@ class Engine:
     # ---- warm-up (a worker job, with no request running) ----
 
     def _warm_up(self, prefill: bool) -> WarmUp:
+        self._drop_prefix_cache()  # the graphs' recording and the self-check write every row
         report = WarmUp(kv=self.kv_plan)
         start = time.perf_counter()
         if prefill:

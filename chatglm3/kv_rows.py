@@ -59,6 +59,9 @@ class KVRows:
         self.values = [self._empty(rows, capacity) for _ in range(layers)]
         self._write_at: torch.Tensor | None = None  # [batch] positions the next update writes
         self._read_len = 0
+        # Set by an engine that keeps prefix cache entries in rows past the running ones: see
+        # prepare_step.
+        self.padding_to_scratch = False
         self.version = 0  # bumped whenever the buffers are reallocated (their addresses change)
 
     def _empty(self, rows: int, capacity: int) -> torch.Tensor:
@@ -121,6 +124,21 @@ class KVRows:
             for buf in buffers:
                 buf[dst, :, :length] = buf[src, :, :length]
 
+    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        """Exchanges the first length_a positions of row a with the first length_b of row b,
+        one layer's slice at a time (the temporary copy is that small)."""
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                held = buf[a, :, :length_a].clone()
+                buf[a, :, :length_b] = buf[b, :, :length_b]
+                buf[b, :, :length_a] = held
+
+    def load_prefix(self, row: int, length: int, cache: DynamicCache) -> None:
+        """Appends positions [0, length) of `row` to an empty single-request cache (a copy:
+        DynamicCache.update concatenates)."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            cache.update(k[row : row + 1, :, :length], v[row : row + 1, :, :length], layer)
+
     def prepare_step(self, positions: torch.Tensor, read_len: int | None = None) -> torch.Tensor:
         """Sets where the next forward pass writes (one token per row at `positions`) and
         returns the boolean attention mask [batch, 1, 1, read_len] it must use.
@@ -129,6 +147,14 @@ class KVRows:
         (which costs a device sync: pass it when the caller knows it).
         """
         self._write_at = positions
+        if self.padding_to_scratch:
+            # The fixed-shape decoder pads a batch with rows at position 0 (decode_graphs), and
+            # those rows may be prefix cache entries, whose position 0 must survive. No real
+            # decoding step writes position 0 (a prompt has at least one token), so a 0 marks a
+            # padding row: its write goes to the last position instead, which no entry holds
+            # (the engine keeps entries shorter than the capacity). A tensor op: CUDA graphs
+            # replay it with whatever positions they are given.
+            self._write_at = positions.masked_fill(positions == 0, self.capacity - 1)
         self._read_len = int(positions.max()) + 1 if read_len is None else read_len
         span = torch.arange(self._read_len, device=self.device)
         return (span[None, :] <= positions[:, None])[:, None, None, :]
