@@ -25,6 +25,8 @@ HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DOWNLOAD_TIMEOUT):
   CHATGLM3_DECODE_STEP auto | eager | graphs
   CHATGLM3_KV_BUDGET   KV cache size, planned once (e.g. 7GiB; default: on a GPU, from the memory
                        left after the weights; on a CPU the cache grows)
+  CHATGLM3_PREFIX_CACHE 0 = keep no finished requests' keys/values (default: kept with a GPU,
+                       not on a CPU)
 """
 
 from __future__ import annotations

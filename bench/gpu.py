@@ -97,8 +97,10 @@ def main() -> None:
     for label in labels:  # one after the other: each plans from what the last one left free
         t = time.perf_counter()
         try:
+            # no prefix cache: it would take the whole KV budget from the next engine, and
+            # the TTFT prompts share prefixes (they would measure cache hits)
             engine = Engine(model, tokenizer, max_batch=max_batch, decode_step=label,
-                            kv_budget_bytes=args.kv_budget)
+                            kv_budget_bytes=args.kv_budget, prefix_cache=False)
         except Exception as e:  # noqa: BLE001 - report it, go on with what can run
             setups[label] = f"FAILED to start: {type(e).__name__}: {e}"
             continue
