@@ -29,7 +29,7 @@ SLOW_MODULES = {"test_cog_server", "test_cog_image_env", "test_cli", "test_cli_f
                 "test_download", "test_cog_schema"}
 SHARED_MODULES = {"test_checkpoint", "test_cli", "test_cli_first_hour", "test_cog_server",
                   "test_download", "test_prefill_buckets", "test_tokenizer", "test_predictor"}
-SHARED_FIXTURES = {"tokenizer", "reference", "tiny_model_fp32"}
+SHARED_FIXTURES = {"tokenizer", "no_stop_tokenizer", "reference", "tiny_model_fp32"}
 # Single tests over a few seconds each (long prompts: the 6,118- and 16k-token ones, many lengths).
 SLOW_TESTS = {"test_prefill_shapes_are_bounded", "test_fp32_logits_match_official[long_chat]",
               "test_sixteen_thousand_token_prompt"}
@@ -62,6 +62,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tokenizer() -> ChatGLMTokenizer:
     return ChatGLMTokenizer(TOKENIZER_MODEL)
+
+
+@pytest.fixture(scope="session")
+def no_stop_tokenizer(tokenizer: ChatGLMTokenizer) -> ChatGLMTokenizer:
+    """The tokenizer with no stop ids: the random tiny model often picks one on a random
+    prompt, and tests that want every run to decode (and reach decoding at all) use this."""
+    import copy
+
+    tok = copy.copy(tokenizer)
+    tok.stop_ids = frozenset()
+    return tok
 
 
 @pytest.fixture(scope="session")

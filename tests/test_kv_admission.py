@@ -3,7 +3,6 @@ that could never fit refused at once, cancelling a waiting request, official out
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 
@@ -17,14 +16,6 @@ from chatglm3.params import SamplingParams
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row
-
-
-@pytest.fixture(scope="module")
-def no_stop_tokenizer(tokenizer):
-    """No stop ids: requests run for as long as they are asked to."""
-    tok = copy.copy(tokenizer)
-    tok.stop_ids = frozenset()
-    return tok
 
 
 class AdmitLog:

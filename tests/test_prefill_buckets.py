@@ -9,7 +9,6 @@ padded positions reach the decoding cache.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 
@@ -26,15 +25,6 @@ from conftest import GOLDEN
 
 GREEDY = dict(temperature=0.0)
 NO_BUCKETS = tuple(range(1, PREFILL_CHUNK + 1))  # every length its own "bucket": no padding
-
-
-@pytest.fixture(scope="module")
-def no_stop_tokenizer(tokenizer):
-    """The tokenizer with no stop ids: the random tiny model often picks one on a random
-    prompt, and these tests want every run to decode (and to reach decoding at all)."""
-    tok = copy.copy(tokenizer)
-    tok.stop_ids = frozenset()
-    return tok
 
 
 @pytest.fixture(scope="module")

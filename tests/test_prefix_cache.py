@@ -8,7 +8,6 @@ and the fixed-shape decoder's padding rows, which must not touch entries.
 
 from __future__ import annotations
 
-import copy
 import random
 import threading
 
@@ -25,14 +24,6 @@ from chatglm3.tokenizer import Message
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row
-
-
-@pytest.fixture(scope="module")
-def no_stop_tokenizer(tokenizer):
-    """No stop ids: requests run for as long as they are asked to."""
-    tok = copy.copy(tokenizer)
-    tok.stop_ids = frozenset()
-    return tok
 
 
 @pytest.fixture(scope="module")
