@@ -22,22 +22,17 @@ Usage: python bench/soak.py [--n 400] [--weights DIR] [--dtype bfloat16] [--no-b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PY = Path(sys.executable)
+sys.path.insert(0, str(ROOT / "tests"))
+from cogserver import _create, running_server  # noqa: E402 - the tests' server harness
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 NO_BUCKETS_HOOK = '''
@@ -131,85 +126,14 @@ def find_worker(server: int) -> int | None:
 
 # ---- HTTP ----
 
-def call(method: str, url: str, body: dict | None = None, timeout: float = 300):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
-            return resp.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
-def predict(base: str, inputs: dict, retry_s: float = 5.0):
-    """One synchronous prediction. coglet may answer 409 'At capacity' for a few ms after a
-    slot's previous prediction has answered: that is retried briefly, nothing else."""
-    deadline = time.monotonic() + retry_s
-    while True:
-        code, body = call("POST", base + "/predictions", {"input": inputs})
-        if code != 409 or time.monotonic() > deadline:
-            return code, body
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(weights: Path, dtype: str, no_buckets: bool, log_path: Path,
-                 hook_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = dict(os.environ)
-    env.update(
-        # coglet starts its worker as plain `python` from PATH: the venv first.
-        PATH=f"{PY.parent}{os.pathsep}{env.get('PATH', '')}",
-        PORT=str(port),
-        COG_PREDICT_TYPE_STUB="predict.py:Predictor",
-        COG_WEIGHTS=str(weights),
-        HF_HUB_OFFLINE="1",
-        CHATGLM3_DEVICE="cpu",
-        CHATGLM3_DTYPE=dtype,
-    )
+def server_env(weights: Path, dtype: str, no_buckets: bool, hook_dir: Path) -> dict[str, str]:
+    """The server's environment on top of what running_server sets (PATH, PORT, the stub)."""
+    env = dict(COG_WEIGHTS=str(weights), CHATGLM3_DEVICE="cpu", CHATGLM3_DTYPE=dtype)
     if no_buckets:
         (hook_dir / "sitecustomize.py").write_text(NO_BUCKETS_HOOK)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir),
-                                                          env.get("PYTHONPATH", "")]))
-    log = open(log_path, "w")
-    proc = subprocess.Popen([str(PY), "-m", "cog.server.http", "--host", "127.0.0.1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline, health = time.monotonic() + 300, None
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            _, health = call("GET", base + "/health-check", timeout=2)
-            if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED",
-                                                                     "DEFUNCT"):
-                break
-        except OSError:  # not listening yet
-            pass
-        time.sleep(0.1)
-    if not (isinstance(health, dict) and health.get("status") == "READY"):
-        stop_server(proc)
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"server not ready: {health}\n{tail}")
-    return proc, base
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """Ends the server's process group (the server and its worker)."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
+                                                          os.environ.get("PYTHONPATH", "")]))
+    return env
 
 
 # ---- the soak ----
@@ -259,39 +183,40 @@ def main() -> None:
 
     warm = max(1, round(args.n * args.warmup))
     sizes = prompt_sizes(args.n, warm, args.min_len, args.max_len, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, base = start_server(args.weights.resolve(), args.dtype, args.no_buckets,
-                                  Path(tmp) / "server.log", Path(tmp))
-        try:
-            worker = find_worker(proc.pid)
-            if worker is None:
-                raise SystemExit("no worker process found below the server")
-            ready_tree = sum(rss(p) for p in descendants(proc.pid))
-            ready_worker = rss(worker)
-            rows = []  # (prompt tokens, seconds, worker RSS, tree RSS, worker CPU seconds)
-            t_start = time.monotonic()
-            busy_start, ours_start = busy_cpu_seconds(), sum(map(cpu_seconds, (proc.pid, worker)))
-            for i, k in enumerate(sizes):
-                t, cpu = time.perf_counter(), cpu_seconds(worker)
-                code, body = predict(base, {"prompt": "x " * k, "max_tokens": args.max_tokens,
-                                            "temperature": 0})
-                seconds = time.perf_counter() - t
-                if code != 200 or body.get("status") != "succeeded":
-                    raise SystemExit(f"prediction {i} (k={k}) failed: {code} {body}")
-                tokens = body["metrics"]["input_token_count"]
-                rows.append((tokens, seconds, rss(worker),
-                             sum(rss(p) for p in descendants(proc.pid)),
-                             cpu_seconds(worker) - cpu))
-                if (i + 1) % max(1, args.n // 10) == 0:
-                    print(f"  {i + 1:>4}/{args.n}  worker {mb(rows[-1][2])}  tree "
-                          f"{mb(rows[-1][3])}  {time.monotonic() - t_start:.0f} s", flush=True)
-            wall = time.monotonic() - t_start
-            # Other processes' CPU use meanwhile, in cores: wall-clock latencies on a small
-            # shared machine mean little when this is not near 0.
-            others = (busy_cpu_seconds() - busy_start
-                      - (sum(map(cpu_seconds, (proc.pid, worker))) - ours_start)) / wall
-        finally:
-            stop_server(proc)
+    with tempfile.TemporaryDirectory() as tmp, running_server(
+            Path(tmp) / "server.log", startup_s=300,
+            **server_env(args.weights.resolve(), args.dtype, args.no_buckets, Path(tmp))) as srv:
+        if srv.health.get("status") != "READY":
+            raise SystemExit(f"server not ready: {srv.health}\n{srv.log_tail(30)}")
+        server, base = srv.pid, srv.base
+        worker = find_worker(server)
+        if worker is None:
+            raise SystemExit("no worker process found below the server")
+        ready_tree = sum(rss(p) for p in descendants(server))
+        ready_worker = rss(worker)
+        rows = []  # (prompt tokens, seconds, worker RSS, tree RSS, worker CPU seconds)
+        t_start = time.monotonic()
+        busy_start, ours_start = busy_cpu_seconds(), sum(map(cpu_seconds, (server, worker)))
+        for i, k in enumerate(sizes):
+            t, cpu = time.perf_counter(), cpu_seconds(worker)
+            code, body = _create("POST", base + "/predictions", {"input": {
+                "prompt": "x " * k, "max_tokens": args.max_tokens, "temperature": 0}},
+                retry_s=5.0)
+            seconds = time.perf_counter() - t
+            if code != 200 or body.get("status") != "succeeded":
+                raise SystemExit(f"prediction {i} (k={k}) failed: {code} {body}")
+            tokens = body["metrics"]["input_token_count"]
+            rows.append((tokens, seconds, rss(worker),
+                         sum(rss(p) for p in descendants(server)),
+                         cpu_seconds(worker) - cpu))
+            if (i + 1) % max(1, args.n // 10) == 0:
+                print(f"  {i + 1:>4}/{args.n}  worker {mb(rows[-1][2])}  tree "
+                      f"{mb(rows[-1][3])}  {time.monotonic() - t_start:.0f} s", flush=True)
+        wall = time.monotonic() - t_start
+        # Other processes' CPU use meanwhile, in cores: wall-clock latencies on a small
+        # shared machine mean little when this is not near 0.
+        others = (busy_cpu_seconds() - busy_start
+                  - (sum(map(cpu_seconds, (server, worker))) - ours_start)) / wall
 
     if args.csv:
         args.csv.write_text("prompt_tokens,seconds,worker_rss,tree_rss,worker_cpu_s\n" + "".join(
