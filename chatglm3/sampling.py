@@ -54,6 +54,7 @@ class RequestSampling:
                         if params.repetition_penalty != 1.0 else None)
         self.prompt_len = prompt_len
         self.stop_ids = sorted(stop_ids)
+        self._stop_index: torch.Tensor | None = None  # stop_ids on the device, made once
         self.counts: torch.Tensor | None = None  # [vocab] times each token was generated
         self._counted = prompt_len  # history positions already in `counts`
 
@@ -85,8 +86,9 @@ class RequestSampling:
             scores = scores - (p.frequency_penalty * self.counts
                                + p.presence_penalty * (self.counts > 0).float())
         if history.shape[1] - self.prompt_len < p.min_tokens and self.stop_ids:
-            scores = scores.index_fill(-1, torch.tensor(self.stop_ids, device=scores.device),
-                                       float("-inf"))
+            if self._stop_index is None:  # not a host-to-device copy on every step
+                self._stop_index = torch.tensor(self.stop_ids, device=scores.device)
+            scores = scores.index_fill(-1, self._stop_index, float("-inf"))
         return scores
 
 
