@@ -292,7 +292,6 @@ def memory_used(device: "torch.device") -> str:
 def load_engine(args: argparse.Namespace) -> "Engine":
     """The engine for --weights/--device/--dtype, saying on stderr what loads where and, once
     ready, how long it took and the memory it holds."""
-    from .checkpoint import load_model
     from .devices import resolve_device, resolve_dtype
     from .download import resolve_weights
     from .engine import Engine
@@ -316,10 +315,9 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     say(f"loading weights {Path(path).absolute()} on {where} as "
         f"{str(dtype).removeprefix('torch.')}")
     start = time.perf_counter()
-    model = load_model(path, device, dtype, progress=True)
-    engine = Engine(model, ChatGLMTokenizer.from_dir(path), decode_step=args.decode_step,
-                    kv_budget_bytes=budget,
-                    prefix_cache=False if args.no_prefix_cache else None)
+    engine = Engine.from_pretrained(path, device, dtype, progress=True,
+                                    decode_step=args.decode_step, kv_budget_bytes=budget,
+                                    prefix_cache=False if args.no_prefix_cache else None)
     if engine.kv_plan is not None:
         say(f"KV cache: {engine.kv_plan}")
     # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager

@@ -371,10 +371,12 @@ class Engine:
         self._closed = False
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "auto",
-                        dtype: str | torch.dtype = "auto", **kwargs) -> "Engine":
-        dev = resolve_device(device)
-        model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
+                        dtype: str | torch.dtype = "auto", progress: bool = False,
+                        **kwargs) -> "Engine":
+        """Loads a checkpoint directory; `progress`: per-shard progress on stderr."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        model = load_model(model_dir, dev, resolve_dtype(dtype, dev), progress=progress)
         return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
 
     @property
