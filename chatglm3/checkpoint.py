@@ -17,7 +17,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-from .download import LAYOUTS
+from .checkpoint_files import LAYOUTS
 from .tokenizer import STOP_IDS
 
 
