@@ -120,6 +120,18 @@ def test_a_server_without_ranges_still_works(hub, tmp_path, capsys):
         in capsys.readouterr().err
 
 
+def test_http_500_on_a_part_is_tried_again_and_then_named(hub, tmp_path):
+    hub.faults.append(Fault("500", ARCHIVE, times=2, skip=1))  # after the probe
+    assert_same_files(resolve_weights(_url(hub), dest=tmp_path / "w", progress=False), TINY_CKPT)
+    assert [r.status for r in hub.seen("GET", ARCHIVE)] == [206, 500, 500, 206]
+    assert sum(r.sent for r in hub.seen("GET", ARCHIVE) if r.status == 206) == _size(hub) + 1
+    hub.reset()
+    hub.faults.append(Fault("500", ARCHIVE, times=-1, skip=1))
+    with pytest.raises(WeightsError, match=rf"/{ARCHIVE}: HTTP 500 .*\(4 tries in a row brought nothing\)"):
+        resolve_weights(_url(hub), dest=tmp_path / "v", progress=False)
+    assert len(hub.seen("GET", ARCHIVE)) == 1 + transfer.ATTEMPTS
+
+
 def test_a_stall_mid_archive_is_retried_from_where_it_was(hub, tmp_path, fast):
     hub.faults.append(Fault("stall", ARCHIVE, skip=1))
     assert_same_files(resolve_weights(_url(hub), dest=tmp_path / "w", progress=False), TINY_CKPT)
