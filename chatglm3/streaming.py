@@ -121,7 +121,7 @@ _CODE_BITS = 21
 
 def _step(chain: array, branch: dict[int, int], forks: bytearray, fail: array, state: int,
           code: int) -> int:
-    """The automaton's transition from `state` on code point `code` (inlined in the hot loops)."""
+    """The automaton's transition from `state` on code point `code` (inlined in push(), the hot loop)."""
     while True:
         if chain[state] == code:
             return state + 1
@@ -214,21 +214,8 @@ class StopMatcher:
             append = level.append
             for node in parents:
                 code = chain[node]
-                if code >= 0:  # the chain child node + 1: nearly every node, so inlined
-                    state = fail[node]
-                    while True:
-                        if chain[state] == code:
-                            state += 1
-                            break
-                        if forks[state]:
-                            nxt = branch.get((state << _CODE_BITS) | code)
-                            if nxt is not None:
-                                state = nxt
-                                break
-                        if state == 0:
-                            break
-                        state = fail[state]
-                    fail[node + 1] = state
+                if code >= 0:  # the chain child node + 1
+                    state = fail[node + 1] = _step(chain, branch, forks, fail, fail[node], code)
                     if not out[node + 1]:
                         out[node + 1] = out[state]
                     append(node + 1)
