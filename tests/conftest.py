@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -66,6 +68,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("shared"):
             item.add_marker(skip)
+
+
+def consume_together(gens: Iterable, timeout_s: float = 120) -> None:
+    """Reads each generation to its end on a thread of its own, all at once (so they share
+    decoding steps); fails, rather than hangs, if one is not done within `timeout_s`."""
+    threads = [threading.Thread(target=g.text, daemon=True) for g in gens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads), f"a generation did not end within {timeout_s} s"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ fallbacks a GPU takes when recording fails or graphs disagree with eager steps a
 from __future__ import annotations
 
 import logging
-import threading
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, r
 from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
+from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
 
@@ -33,11 +33,7 @@ def fixed(tiny_model_fp32, tokenizer):
 def run_all(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> list:
     gens = [engine.generate_ids(ids, SamplingParams(max_tokens=n, **GREEDY))
             for ids, n in zip(prompts, lengths)]
-    threads = [threading.Thread(target=g.text) for g in gens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    consume_together(gens)
     return gens
 
 

@@ -11,6 +11,7 @@ import torch
 from chatglm3.engine import Engine, PromptTooLong
 from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams, SettingsError
+from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
 
@@ -278,13 +279,7 @@ def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, refe
     prompts = reference["prompts"]
     gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
             for p, n in zip(prompts, (24, 12, 18))]
-    results = [None] * len(gens)
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, gens[i].text()))
-               for i in range(len(gens))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    consume_together(gens)
     for gen, p, n in zip(gens, prompts, (24, 12, 18)):
         assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
 

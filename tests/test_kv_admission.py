@@ -12,6 +12,7 @@ import torch
 from chatglm3.engine import Engine, RequestTooLarge
 from chatglm3.kv_rows import KVBudgetError
 from chatglm3.params import SamplingParams
+from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
@@ -58,11 +59,7 @@ def test_official_outputs_with_a_planned_cache(tiny_model_fp32, tokenizer, refer
         prompts = reference["prompts"]
         gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
                 for p, n in zip(prompts, (24, 12, 18))]
-        threads = [threading.Thread(target=g.text) for g in gens]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        consume_together(gens)
         for gen, p, n in zip(gens, prompts, (24, 12, 18)):
             assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
     finally:

@@ -20,6 +20,7 @@ from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams
 from chatglm3.prefix_cache import ALIGN, PrefixCache, as_ids, common_prefix
 from chatglm3.tokenizer import Message
+from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
@@ -210,7 +211,7 @@ def test_what_is_kept_after_a_stop_token_and_after_max_tokens(make_engine, refer
     got = run(engine, case["prompt_ids"], 200)
     assert got.stop_reason == "stop_token"
     p = reference["prompts"][1]
-    cut = run(engine, p["input_ids"], 5)
+    assert run(engine, p["input_ids"], 5).stop_reason == "max_tokens"
     lengths = sorted(n for _, n in engine.prefix_cache_entries())
     assert lengths == sorted([len(case["prompt_ids"]) + len(got.output_ids),
                               len(p["input_ids"]) + 4])
@@ -266,11 +267,7 @@ def test_a_full_cache_never_makes_a_request_wait(make_engine, no_stop_tokenizer,
     monkeypatch.setattr(engine, "_admit", spy)
     ids = [random_ids(300, 3), random_ids(200, 4)]
     gens = [engine.generate_ids(x, SamplingParams(max_tokens=40, **GREEDY)) for x in ids]
-    threads = [threading.Thread(target=g.text) for g in gens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    consume_together(gens)
     assert max(most) == 2  # both ran at once
     for gen, x in zip(gens, ids):
         assert gen.result.output_ids == run(off_no_stop, x, 40).output_ids
@@ -386,11 +383,7 @@ def test_concurrent_conversations(make_engine, off, reference, setup: str) -> No
     follow = [follow_up(engine, build_messages(p["query"], history=p["history"]),
                         f.output_ids, "Go on.")[1] for p, f in zip(prompts, firsts)]
     gens = [engine.generate_ids(ids, SamplingParams(max_tokens=12, **GREEDY)) for ids in follow]
-    threads = [threading.Thread(target=g.text) for g in gens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    consume_together(gens)
     for gen, ids in zip(gens, follow):
         assert gen.result.output_ids == run(off, ids, 12).output_ids
     # The random model's answers do not start with the "\n" an assistant turn opens with,
@@ -418,11 +411,7 @@ def test_padding_rows_leave_entries_intact(make_engine, no_stop_tokenizer, off_n
     gens = [engine.generate_ids(random_ids(30, seed=30 + i), SamplingParams(max_tokens=20,
                                                                           **GREEDY))
             for i in range(3)]
-    threads = [threading.Thread(target=g.text) for g in gens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    consume_together(gens)
     entries = dict((n, row) for row, n in engine.prefix_cache_entries())
     assert entries[122] == 3
     assert all(torch.equal(k[3, :, :122], s) for k, s in zip(engine._kv.keys, snapshot))

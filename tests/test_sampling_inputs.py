@@ -4,7 +4,6 @@ without them, which must get exactly what they get alone."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch
 from chatglm3.engine import Engine
 from chatglm3.params import SamplingParams, SettingsError
 from chatglm3.sampling import RequestSampling, pick_tensor
+from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
 
@@ -73,11 +73,7 @@ def _chat(reference: dict, name: str) -> dict:
 def _together(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
     """All requests queued at once (they share decoding steps); their output ids."""
     gens = [engine.generate_ids(ids, params) for ids, params in requests]
-    threads = [threading.Thread(target=g.text) for g in gens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    consume_together(gens)
     return [g.result.output_ids for g in gens]
 
 
