@@ -455,14 +455,7 @@ class Engine:
         graph recorded, then a short greedy decode through the graphs (or fixed shapes) and
         through eager steps: if they disagree, decoding is eager from then on, with a warning
         that says why. Logs and returns what it did and how long each part took."""
-        job: Future = Future()
-        self._start_worker()
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("engine closed")
-            self._jobs.append((lambda: self._warm_up(prefill), job))
-            self._wake.notify()
-        report = job.result()
+        report = self._on_worker(lambda: self._warm_up(prefill))
         log.info("warm-up: %s", report)
         return report
 
