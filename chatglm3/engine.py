@@ -43,7 +43,7 @@ from .devices import resolve_device, resolve_dtype
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .params import SamplingParams
 from .prefix_cache import ALIGN as PREFIX_ALIGN, PrefixCache, as_ids
-from .sampling import RequestSampling, pick_tensor
+from .sampling import RequestSampling, pick
 from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer, Message
 
@@ -673,7 +673,7 @@ class Engine:
         r.prefilled += chunk.shape[1]
         if r.prefilled < len(r.prompt):
             return False
-        r.prefill_token = pick_tensor(logits, [r.sampling], [r.prompt_ids]).tolist()[0]
+        r.prefill_token = pick(logits, [r.sampling], [r.prompt_ids]).item()
         return True
 
     def _admit(self, r: _Request, running: list[_Request]) -> None:
@@ -715,9 +715,9 @@ class Engine:
         if logits is None:
             logits = decode_logits(self.model, self._kv, tokens, positions, furthest)
         history = self._history[:batch]
-        picked = pick_tensor(logits, [r.sampling for r in running],
-                             [history[i : i + 1, : r.length] if r.sampling.needs_history else None
-                              for i, r in enumerate(running)])
+        picked = pick(logits, [r.sampling for r in running],
+                      [history[i : i + 1, : r.length] if r.sampling.needs_history else None
+                       for i, r in enumerate(running)])
         # The batch's new tokens into the id history: one device op, whatever the batch.
         history[self._row_index[:batch], positions + 1] = picked
         for i, token in reversed(list(enumerate(picked.tolist()))):

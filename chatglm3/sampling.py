@@ -3,10 +3,10 @@
 transformers' ordinary logits warpers take one temperature / top-k / top-p for the whole
 batch, so running them request by request costs ~20 tensor ops (GPU launches) per request per
 step: at 32 streams more than the forward pass itself. Here temperature, top-k and top-p run
-once for the batch with per-row values, with the same rules as those warpers; the repetition
-penalty (rare, and per-row history) still uses transformers' processor, row by row, and so do the
-presence/frequency penalties and min_tokens (their counts kept per request, updated with the
-step's new token only). The random
+once for the batch with per-row values, with the same rules as those warpers. The adjustments
+that read a request's history run row by row, only for the requests that ask for them: the
+repetition penalty (transformers' processor), and our presence/frequency penalties and
+min_tokens (token counts kept per request, updated with the step's new token only). The random
 draw is one uniform number per request from its own seeded generator on the host, turned into
 a token by inverse CDF, so a request's draws do not depend on the others in its batch.
 
@@ -93,15 +93,10 @@ class RequestSampling:
 
 
 def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
-         history: Sequence[torch.Tensor | None]) -> list[int]:
-    """The next token of each row: `logits` [batch, vocab]; `history[i]` [1, n] ids so far of
-    row i (read only for requests that `needs_history`)."""
-    return pick_tensor(logits, samplings, history).tolist()
-
-
-def pick_tensor(logits: torch.Tensor, samplings: Sequence[RequestSampling],
-                history: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """As `pick`, on the device: [batch] token ids (no host sync until the caller reads them)."""
+         history: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The next token of each row, [batch] on the device (no host sync until the caller reads
+    them): `logits` [batch, vocab]; `history[i]` [1, n] ids so far of row i (read only for
+    requests that `needs_history`)."""
     adjusted = [i for i, s in enumerate(samplings) if s.needs_history]
     # A copy when rows change: fp32 logits' .float() is the caller's tensor itself (on a GPU,
     # a graph's output buffer).

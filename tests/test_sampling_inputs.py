@@ -10,7 +10,7 @@ import torch
 
 from chatglm3.engine import Engine
 from chatglm3.params import SamplingParams, SettingsError
-from chatglm3.sampling import RequestSampling, pick_tensor
+from chatglm3.sampling import RequestSampling, pick
 from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)
@@ -37,8 +37,8 @@ def test_min_tokens_holds_the_stop_tokens_back_until_enough_are_out() -> None:
     logits = torch.tensor([[0.0, 1.0, 9.0, 0.0, 0.0, 8.0]])
     for generated in range(2):
         history = torch.zeros(1, 3 + generated, dtype=torch.long)
-        assert pick_tensor(logits, [s], [history]).item() == 1  # not 2 nor 5
-    assert pick_tensor(logits, [s], [torch.zeros(1, 5, dtype=torch.long)]).item() == 2
+        assert pick(logits, [s], [history]).item() == 1  # not 2 nor 5
+    assert pick(logits, [s], [torch.zeros(1, 5, dtype=torch.long)]).item() == 2
 
 
 def test_defaults_change_nothing_and_need_no_history() -> None:
