@@ -71,17 +71,11 @@ class PrefixCache:
         self._entries: dict[int, Entry] = {}
         self._clock = 0
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __contains__(self, row: int) -> bool:
         return row in self._entries
 
     def length(self, row: int) -> int:
         return len(self._entries[row].ids)
-
-    def ids(self, row: int) -> np.ndarray:
-        return self._entries[row].ids
 
     def lru_rows(self) -> list[int]:
         """Rows from least to most recently used."""
