@@ -13,10 +13,11 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import pytest
 
+from chatglm3.params import SamplingParams
 from chatglm3.tokenizer import ChatGLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,16 @@ def consume_together(gens: Iterable, timeout_s: float = 120) -> None:
     for t in threads:
         t.join(timeout_s)
     assert not any(t.is_alive() for t in threads), f"a generation did not end within {timeout_s} s"
+
+
+def assert_official_greedy(engine, prompts: Sequence[dict], lengths: Sequence[int]) -> None:
+    """Queues reference prompts at once, request i greedy for lengths[i] tokens, and reads them
+    together: each must give the first lengths[i] tokens of its official greedy continuation."""
+    gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, temperature=0.0))
+            for p, n in zip(prompts, lengths, strict=True)]
+    consume_together(gens)
+    assert [g.result.output_ids for g in gens] == [
+        p["greedy_generate"]["new_ids"][:n] for p, n in zip(prompts, lengths)]
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, r
 from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
-from conftest import consume_together
+from conftest import assert_official_greedy
 
 GREEDY = dict(temperature=0.0)
 
@@ -28,13 +28,6 @@ def fixed(tiny_model_fp32, tokenizer):
     engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
     yield engine
     engine.close()
-
-
-def run_all(engine: Engine, prompts: list[list[int]], lengths: list[int]) -> list:
-    gens = [engine.generate_ids(ids, SamplingParams(max_tokens=n, **GREEDY))
-            for ids, n in zip(prompts, lengths)]
-    consume_together(gens)
-    return gens
 
 
 def test_buckets() -> None:
@@ -56,21 +49,13 @@ def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> No
 def test_padded_batches_join_and_leave(fixed: Engine, reference: dict) -> None:
     """Three requests (padded to a batch of 4), one of 6,118 tokens that grows the cache
     while the others decode, leaving at different times: each gives its official tokens."""
-    prompts = reference["prompts"]
-    lengths = (24, 12, 18)
-    gens = run_all(fixed, [p["input_ids"] for p in prompts], list(lengths))
-    for gen, p, n in zip(gens, prompts, lengths):
-        assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
+    assert_official_greedy(fixed, reference["prompts"], (24, 12, 18))
     assert fixed._kv.rows == 4  # the padded shape ran (eager steps reserve 3 rows)
 
 
 def test_more_requests_than_rows(fixed: Engine, reference: dict) -> None:
     """Six requests on a 4-row engine: the queued ones start as rows free up."""
-    prompt = reference["prompts"][0]
-    expected = prompt["greedy_generate"]["new_ids"]
-    lengths = [24, 5, 17, 9, 24, 1]
-    gens = run_all(fixed, [prompt["input_ids"]] * 6, lengths)
-    assert [g.result.output_ids for g in gens] == [expected[:n] for n in lengths]
+    assert_official_greedy(fixed, [reference["prompts"][0]] * 6, [24, 5, 17, 9, 24, 1])
 
 
 def test_bad_decode_step_is_named(tiny_model_fp32, tokenizer) -> None:
@@ -203,10 +188,7 @@ def test_warm_up_checks_fixed_steps_against_eager(tiny_model_fp32, tokenizer, re
         report = engine.warm_up(prefill=False)
         assert report.check == "fixed-shape steps give eager steps' greedy tokens"
         assert report.decode_step == "fixed" and engine._fixed is not None
-        prompt = reference["prompts"][1]
-        gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
-        gen.text()
-        assert gen.result.output_ids == prompt["greedy_generate"]["new_ids"]
+        assert_official_greedy(engine, [reference["prompts"][1]], [24])
     finally:
         engine.close()
 
@@ -225,10 +207,7 @@ def test_warm_up_falls_back_to_eager_when_graph_tokens_differ(tiny_model_fp32, t
         assert engine._fixed is None and report.decode_step == engine.decode_step == "eager"
         assert "disagree with eager steps" in report.check and "step 1, row 1" in report.check
         assert "decoding eagerly: fixed-shape steps disagree with eager steps" in caplog.text
-        prompt = reference["prompts"][1]
-        gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
-        gen.text()
-        assert gen.result.output_ids == prompt["greedy_generate"]["new_ids"]
+        assert_official_greedy(engine, [reference["prompts"][1]], [24])
     finally:
         engine.close()
 

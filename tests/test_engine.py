@@ -11,7 +11,7 @@ import torch
 from chatglm3.engine import Engine, PromptTooLong
 from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams, SettingsError
-from conftest import consume_together
+from conftest import assert_official_greedy
 
 GREEDY = dict(temperature=0.0)
 
@@ -276,12 +276,7 @@ def test_async_iteration_of_concurrent_requests(engine: Engine, reference: dict)
 def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, reference: dict):
     """Requests of different prompt lengths decode in one batch, joining and leaving it at
     different times, and each still gives the official greedy continuation."""
-    prompts = reference["prompts"]
-    gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
-            for p, n in zip(prompts, (24, 12, 18))]
-    consume_together(gens)
-    for gen, p, n in zip(gens, prompts, (24, 12, 18)):
-        assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
+    assert_official_greedy(engine, reference["prompts"], (24, 12, 18))
 
 
 def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dict) -> None:

@@ -12,7 +12,7 @@ import torch
 from chatglm3.engine import Engine, RequestTooLarge
 from chatglm3.kv_rows import KVBudgetError
 from chatglm3.params import SamplingParams
-from conftest import consume_together
+from conftest import assert_official_greedy
 
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
@@ -56,12 +56,7 @@ def test_official_outputs_with_a_planned_cache(tiny_model_fp32, tokenizer, refer
     third waits for a row, and every one gives its official greedy tokens."""
     engine = Engine(tiny_model_fp32, tokenizer, kv_budget_bytes=2 * ROW, decode_step=decode_step)
     try:
-        prompts = reference["prompts"]
-        gens = [engine.generate_ids(p["input_ids"], SamplingParams(max_tokens=n, **GREEDY))
-                for p, n in zip(prompts, (24, 12, 18))]
-        consume_together(gens)
-        for gen, p, n in zip(gens, prompts, (24, 12, 18)):
-            assert gen.result.output_ids == p["greedy_generate"]["new_ids"][:n]
+        assert_official_greedy(engine, reference["prompts"], (24, 12, 18))
     finally:
         engine.close()
 
