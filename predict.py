@@ -27,6 +27,8 @@ HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DOWNLOAD_TIMEOUT):
                        left after the weights; on a CPU the cache grows)
   CHATGLM3_PREFIX_CACHE 0 = keep no finished requests' keys/values (default: kept with a GPU,
                        not on a CPU)
+  CHATGLM3_QUANTIZE    none | int8 | int4: weight-only quantization at load (default none;
+                       chatglm3/quantize.py says what each runs on)
 """
 
 from __future__ import annotations
@@ -119,10 +121,19 @@ class Predictor(BaseRunner):
             if raw_prefix not in ("0", "1", "off", "on", "false", "true"):
                 raise ValueError(f"CHATGLM3_PREFIX_CACHE: expected 0 or 1, got {raw_prefix!r}")
             prefix_cache = raw_prefix in ("1", "on", "true")
+        quantize = os.environ.get("CHATGLM3_QUANTIZE", "").strip().lower() or "none"
+        from chatglm3.quantize import check_mode
+
+        try:
+            check_mode(quantize)  # before the weights load: a typo should not cost a load
+        except ValueError as e:
+            raise ValueError(f"CHATGLM3_QUANTIZE: {e}") from None
         self.engine = Engine.from_pretrained(
             path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
             max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
-            kv_budget_bytes=kv_budget, prefix_cache=prefix_cache)
+            kv_budget_bytes=kv_budget, prefix_cache=prefix_cache, quantize=quantize)
+        print(f"quantize: {self.engine.quantize} (CHATGLM3_QUANTIZE); weights "
+              f"{self.engine.weight_bytes / 2**30:.2f} GiB", flush=True)
         plan = self.engine.kv_plan
         print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
         print(f"prefix cache: {'on' if self.engine.prefix_cache else 'off'} "

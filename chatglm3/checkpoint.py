@@ -18,6 +18,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 from .checkpoint_files import LAYOUTS
+from .quantize import Quantizer
 from .tokenizer import STOP_IDS
 
 
@@ -159,12 +160,15 @@ def _shards_with_progress(paths: list[Path], progress: bool) -> Iterator[Path]:
 
 def load_model(
     model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-    progress: bool = False,
+    progress: bool = False, quantize: str = "none",
 ) -> GlmForCausalLM:
     """Builds the model empty, then fills it one shard at a time on `device` in `dtype`.
-    `progress`: report each shard on stderr as it loads (see `_shards_with_progress`)."""
+    `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
+    `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
+    soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
     model_dir = Path(model_dir)
     device = torch.device(device)
+    quantizer = Quantizer(quantize, device)
     try:
         raw_config = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -188,7 +192,14 @@ def load_model(
                             f"{path.name}: {name} has shape {tuple(tensor.shape)}, but config.json "
                             f"implies {tuple(want.shape)}"
                         )
-                    converted[new_name] = tensor.to(device=device, dtype=dtype, copy=True)
+                    tensor = tensor.to(device=device, dtype=dtype, copy=True)
+                    if quantizer.targets(new_name):  # in, quantized, and its copy freed now
+                        model.load_state_dict({new_name: tensor}, strict=False, assign=True)
+                        del tensor
+                        quantizer.apply(model, new_name)
+                        missing.discard(new_name)
+                        continue
+                    converted[new_name] = tensor
             model.load_state_dict(converted, strict=False, assign=True)
             missing -= converted.keys()
             del converted
@@ -199,4 +210,5 @@ def load_model(
     # The rotary frequencies were built on the meta device: rebuild them in fp32 (never cast).
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     model.eval().requires_grad_(False)
+    model.quantize_mode = quantize
     return model

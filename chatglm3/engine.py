@@ -43,6 +43,7 @@ from .devices import resolve_device, resolve_dtype
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .params import SamplingParams
 from .prefix_cache import ALIGN as PREFIX_ALIGN, PrefixCache, as_ids
+from .quantize import compute_dtype, model_mode, weight_bytes
 from .sampling import RequestSampling, pick
 from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer, Message
@@ -324,6 +325,8 @@ class Engine:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.context = model.config.max_position_embeddings
+        # The weights as stored (int8/int4 as packed): what the GPU's KV plan subtracts.
+        self.quantize, self.weight_bytes = model_mode(model), weight_bytes(model)
         if decode_step not in DECODE_STEPS + _TEST_DECODE_STEPS:
             raise ValueError(f"decode_step: expected one of {', '.join(DECODE_STEPS)}, "
                              f"got {decode_step!r}")
@@ -373,10 +376,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "auto", progress: bool = False,
-                        **kwargs) -> "Engine":
-        """Loads a checkpoint directory; `progress`: per-shard progress on stderr."""
+                        quantize: str = "none", **kwargs) -> "Engine":
+        """Loads a checkpoint directory; `progress`: per-shard progress on stderr;
+        `quantize`: none | int8 | int4 weight-only quantization at load (quantize.py)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        model = load_model(model_dir, dev, resolve_dtype(dtype, dev), progress=progress)
+        dt = compute_dtype(quantize, dev, resolve_dtype(dtype, dev))
+        model = load_model(model_dir, dev, dt, progress=progress, quantize=quantize)
         return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
 
     @property
@@ -494,8 +499,7 @@ class Engine:
         """Measures the peak of the worst prefill chunk, then plans the cache from the free
         memory (kv_rows.plan_kv)."""
         dev = self.device
-        weights = sum(t.numel() * t.element_size()
-                      for t in [*self.model.parameters(), *self.model.buffers()])
+        weights = self.weight_bytes
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(dev)

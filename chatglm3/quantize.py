@@ -1,0 +1,179 @@
+"""Weight-only int8 / int4 quantization of the model's linear layers, applied at load time.
+
+Modes (`MODES`): "none" (the weights as loaded, today's numbers), "int8" (per-output-channel
+symmetric int8) and "int4" (asymmetric int4 in groups of `INT4_GROUP_SIZE` along the input
+dimension). Activations stay in the compute dtype; only the weights shrink, so a decoding step,
+which reads every weight once, reads 1/2 (int8) or ~1/4 (int4) of the bytes.
+
+What runs, measured on this project's 2-core CPU (bench/quantize.py; torch 2.13, torchao 0.18):
+- int4, CPU: torchao's `PrototypeInt4WeightOnlyConfig` (`Int4OpaqueTensor`), whose linear is
+  aten's `_weight_int4pack_mm_for_cpu`. torchao's default `Int4WeightOnlyConfig` packing
+  ("plain") needs the mslk/fbgemm kernels, which are not built for this CPU.
+- int4, CUDA: torchao's `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, whose
+  linear is aten's tinygemm `_weight_int4pack_mm` (bfloat16 activations only, compute
+  capability 8.0 or newer: so int4 on CUDA computes in bfloat16).
+- int8, CPU: aten's `_weight_int8pack_mm`, called by `Int8Linear` below. Why not torchao's
+  `Int8WeightOnlyConfig`: in 0.18 its only version (2; version 1, which dispatched to this
+  aten op, was removed) converts the whole int8 weight to the activation dtype on every call
+  and then runs a bf16 matmul: measured 9.7x slower than bf16 at batch 1 on a 27392x4096
+  layer (123 ms vs 12.7 ms), while `_weight_int8pack_mm` takes 8.9 ms.
+- int8, CUDA: torchao's `Int8WeightOnlyConfig` (the same convert-then-matmul; on a GPU without
+  torch.compile it saves memory, not time). aten's CUDA `_weight_int8pack_mm` is a naive
+  one-thread-per-output fp32 kernel, no faster. Offered because it is what fits a 16 GB card
+  that cannot run int4's tinygemm (no bfloat16: T4).
+
+What is quantized: every linear layer of attention (q, k, v, o) and the MLP (gate_up, down),
+and the output layer (lm_head) in int8 in both modes: at batch 1 it is 4.5% of a 6B step's
+bytes (0.5 GB), and int8 moves the last-token logits by less than the layers do (measured,
+README), while int4 would move them more than the layers and buys 0.13 GB more. The
+embedding stays in the compute dtype: a lookup reads one row per token (no speed to win), and
+keeping it exact keeps the inputs of every layer exact.
+
+Quantizing at load (checkpoint.load_model calls `Quantizer.apply` for each weight as it
+arrives): the unquantized copy of one tensor lives only until its module is quantized, so the
+peak is the quantized model plus the shard being read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+MODES = ("none", "int8", "int4")
+# int4 group size: 128 divides every input width of the model (4096, 13696; the tiny test
+# checkpoint's 256 and 512); 64 measured as fast on the CPU but adds scale/zero bytes and moves
+# logits only slightly less; 32 was 25% slower (bench/quantize.py prints all three).
+INT4_GROUP_SIZE = 128
+
+log = logging.getLogger(__name__)
+
+_LAYER_LINEAR = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate_up_proj|mlp\.down_proj)\.weight")
+_OUTPUT = "lm_head.weight"
+
+
+def check_mode(mode: str) -> str:
+    """The mode, or a ValueError naming the choices."""
+    if mode not in MODES:
+        raise ValueError(f"quantize: expected one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def compute_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a mode computes in on `device`: int4 on CUDA needs bfloat16 (tinygemm);
+    a float16 request there becomes bfloat16 (logged), float32 is refused."""
+    if mode == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+        if dtype == torch.float32:
+            raise ValueError("quantize: int4 on CUDA computes in bfloat16 (tinygemm kernel); "
+                             "use --dtype auto or bfloat16, or --quantize int8")
+        log.info("int4 on CUDA computes in bfloat16 (tinygemm kernel), not %s", dtype)
+        return torch.bfloat16
+    return dtype
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer with an int8 weight [out, in] and one scale per output channel, run by
+    aten's `_weight_int8pack_mm` (CPU); see the module docstring for why not torchao's."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.nn.Parameter | None) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.bias = bias  # may still be on the meta device: load_model assigns it later
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 127
+        qweight = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(qweight, scale.to(w.dtype), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(),
+                                               self.qweight, self.scale)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+@contextmanager
+def _quiet_torchao_import() -> Iterator[None]:
+    """torchao logs a warning per optional CUDA/mxfp8 extension its wheel cannot load on this
+    torch build; none of them is used here."""
+    logger = logging.getLogger("torchao")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _torchao_config(mode: str, device: torch.device):
+    with _quiet_torchao_import():
+        import torchao.quantization as q
+    if mode == "int8":
+        return q.Int8WeightOnlyConfig(set_inductor_config=False)
+    if device.type == "cuda":
+        return q.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False,
+                                      int4_packing_format="tile_packed_to_4d")
+    from torchao.prototype.quantization.int4.inference_workflow import (
+        PrototypeInt4WeightOnlyConfig)
+
+    return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
+
+
+class Quantizer:
+    """Quantizes the model's linear layers one by one as load_model fills them."""
+
+    def __init__(self, mode: str, device: torch.device) -> None:
+        self.mode, self.device = check_mode(mode), torch.device(device)
+        self._config = None
+
+    def targets(self, name: str) -> bool:
+        """Whether the weight `name` (a GlmForCausalLM state-dict name) gets quantized."""
+        if self.mode == "none":
+            return False
+        return name == _OUTPUT or _LAYER_LINEAR.fullmatch(name) is not None
+
+    def apply(self, model: torch.nn.Module, name: str) -> None:
+        """Quantizes the linear layer whose weight `name` has just been loaded into `model`."""
+        path = name.removesuffix(".weight")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        mode = "int8" if name == _OUTPUT else self.mode  # the output layer: int8 (see above)
+        if mode == "int8" and self.device.type == "cpu":
+            setattr(parent, child, Int8Linear.from_linear(linear))
+            return
+        with _quiet_torchao_import():
+            from torchao.quantization import quantize_
+        quantize_(linear, _torchao_config(mode, self.device))
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, also for torchao's tensor subclasses (their inner tensors)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_storage_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (quantized ones as packed)."""
+    return sum(_storage_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def model_mode(model: torch.nn.Module) -> str:
+    """The mode a loaded model was quantized with (load_model records it)."""
+    return getattr(model, "quantize_mode", "none")
