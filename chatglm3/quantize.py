@@ -88,11 +88,19 @@ class Int8Linear(torch.nn.Module):
         self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: torch.nn.Linear, rows: int = 4096) -> "Int8Linear":
+        """Symmetric per-row int8 of the linear's weight, `rows` rows at a time: the fp32
+        temporaries of a whole output layer would be 1 GB each (65,024 x 4096)."""
         w = linear.weight.detach()
-        scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 127
-        qweight = torch.round(w.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        return cls(qweight, scale.to(w.dtype), linear.bias)
+        qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
+        for begin in range(0, w.shape[0], rows):
+            part = w[begin : begin + rows].float()
+            # The scale as stored (the compute dtype), so the weights are rounded with it.
+            s = (part.abs().amax(dim=1).clamp_(min=1e-12) / 127).to(w.dtype).float()
+            qweight[begin : begin + rows] = part.div_(s[:, None]).round_().clamp_(-127, 127)
+            scale[begin : begin + rows] = s
+        return cls(qweight, scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -154,10 +162,26 @@ class Quantizer:
         mode = "int8" if name == _OUTPUT else self.mode  # the output layer: int8 (see above)
         if mode == "int8" and self.device.type == "cpu":
             setattr(parent, child, Int8Linear.from_linear(linear))
-            return
-        with _quiet_torchao_import():
-            from torchao.quantization import quantize_
-        quantize_(linear, _torchao_config(mode, self.device))
+        else:
+            with _quiet_torchao_import():
+                from torchao.quantization import quantize_
+            quantize_(linear, _torchao_config(mode, self.device))
+        del linear
+        if self.device.type == "cpu":
+            release_freed_memory()  # the unquantized copy and the packing's temporaries
+
+
+def release_freed_memory() -> None:
+    """Hands memory freed to glibc's heap back to the system (malloc_trim). Quantizing frees
+    each layer's unquantized copy right after packing it; copies under glibc's mmap threshold
+    (up to 32 MB) stay in the heap, fragmented, and a quarter-width 8-layer int4 load ended at
+    3.1x its weights' RSS without this, 1.1x with it (tests/test_quantize.py). No-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
