@@ -9,13 +9,19 @@ Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and pr
    graphs >= 90%);
 2. whether graphs give the same greedy tokens as eager steps;
 3. aggregate decode tokens/s at 8 and 32 streams (eager and graphs);
-4. time to first token at 1k, 8k and 32k prompt tokens.
+4. time to first token at 1k, 8k and 32k prompt tokens;
+5. each --quantize mode (int8, int4; chatglm3/quantize.py) on the same random weights: weight
+   bytes, the KV plan, the warm-up's graphs self-check, batch-1 and 8-stream decode tokens/s
+   (ratios against the unquantized engine), and quality against the unquantized model:
+   last-token logits' relative L2, top-1 agreement over every position of a 2,000-token
+   text, and greedy tokens matching its continuation.
 Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28] [--tokens 128]
   or, where that Python lacks our pinned transformers: bench/gpu_prepare here, then
   bench/gpu_run there (carrying .device/).
 Smoke test here (CPU, a 1-layer model, the graphs' fixed shapes without recording, a KV budget
 of two whole-context rows): python bench/gpu.py --device cpu --dtype bfloat16 --layers 1
     --tokens 4 --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed --kv-budget 64MiB
+    --quality-tokens 64
 """
 
 from __future__ import annotations
@@ -83,6 +89,10 @@ def main() -> None:
     ap.add_argument("--kv-budget", type=parse_bytes, default=None,
                     help="KV cache bytes per engine, e.g. 8GiB (default: planned from the free "
                          "GPU memory; on CPU, grown on demand)")
+    ap.add_argument("--quantize", nargs="*", default=["int8", "int4"],
+                    help="quantized modes to measure after the rest (none: skip)")
+    ap.add_argument("--quality-tokens", type=int, default=2000,
+                    help="text length for the quantized modes' top-1 agreement")
     args = ap.parse_args()
     device = torch.device(args.device)
     t0 = time.perf_counter()
@@ -177,7 +187,82 @@ def main() -> None:
     section("4. time to first token", ttft)
     if device.type == "cuda":
         print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    base_rates = {}
+
+    def base_speed() -> None:  # the unquantized engine's numbers, for the ratios of 5.
+        engine = engines.get(args.compare) or engines["eager"]
+        base_rates["b1"] = engine_streams(engine, 1, args.tokens)[0]
+        base_rates["b8"] = engine_streams(engine, 8, args.tokens)[0]
+
+    if args.quantize:
+        section("5a. unquantized decode for the ratios (batch 1, 8 streams)", base_speed)
     for engine in engines.values():
+        engine.close()
+    engines.clear()
+    if args.quantize:
+        text = tokenizer.build_chat_input([]) + tokenizer.encode_text(
+            (ROOT / "README.md").read_text())
+        reference = logits_summary(model, text[: args.quality_tokens], prompt, args.tokens)
+        del model
+        for mode in args.quantize:
+            section(f"5. quantize={mode}", lambda mode=mode: quantized_report(
+                args, mode, tokenizer, text[: args.quality_tokens], prompt, reference,
+                base_rates, labels))
+
+
+def logits_summary(model, text: list[int], prompt: list[int], greedy: int):
+    """(top-1 id at every position of `text`, its last position's logits, greedy ids after
+    `prompt`) of a model, all without the engine (the reference for 5.)."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        hidden = model.model(input_ids=torch.tensor(text, device=device)[None],
+                             use_cache=False).last_hidden_state[0]
+        top1 = torch.cat([model.lm_head(h).argmax(-1) for h in hidden.split(256)]).cpu()
+        last = model.lm_head(hidden[-1:]).float()[0].cpu()
+        del hidden
+        seq, cont = torch.tensor(prompt, device=device)[None], []
+        for _ in range(greedy):
+            nxt = model(input_ids=seq, logits_to_keep=1).logits[0, -1].argmax()
+            cont.append(int(nxt))
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return top1, last, cont
+
+
+def quantized_report(args, mode: str, tokenizer, text, prompt, reference, base_rates,
+                     labels) -> None:
+    from chatglm3.quantize import compute_dtype, quantize_model
+
+    device = torch.device(args.device)
+    dtype = compute_dtype(mode, device, getattr(torch, args.dtype))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    t = time.perf_counter()
+    # The same random weights as above (same seed), in the mode's compute dtype.
+    model = quantize_model(random_model(args.device, dtype, num_layers=args.layers), mode)
+    print(f"  built and quantized in {time.perf_counter() - t:.1f} s, compute "
+          f"{str(dtype).removeprefix('torch.')}")
+    top1, last, cont = logits_summary(model, text, prompt, args.tokens)
+    ref_top1, ref_last, ref_cont = reference
+    match = next((i for i, (a, b) in enumerate(zip(cont, ref_cont)) if a != b), len(cont))
+    print(f"  vs unquantized {args.dtype}: last-token logits rel. L2 "
+          f"{float((last - ref_last).norm() / ref_last.norm()):.4f}; top-1 agreement "
+          f"{float((top1 == ref_top1).float().mean()):.2%} over {len(text)} positions; greedy "
+          f"tokens matching {match}/{len(cont)}")
+    for label in labels:
+        engine = Engine(model, tokenizer, max_batch=8, decode_step=label,
+                        kv_budget_bytes=args.kv_budget, prefix_cache=False)
+        print(f"  {label}: weights {engine.weight_bytes / 2**30:.2f} GiB; KV cache "
+              f"{engine.kv_plan or 'grown on demand'}")
+        print(f"  {label} warm-up: {engine.warm_up()}")
+        engine_streams(engine, 1, 8)
+        b1 = engine_streams(engine, 1, args.tokens)[0]
+        b8 = engine_streams(engine, 8, args.tokens)[0]
+        ratio = lambda key, v: (f" ({v / base_rates[key]:.2f}x unquantized)"  # noqa: E731
+                                if key in base_rates else "")
+        print(f"  {label} ({engine.decode_step}): batch 1 {b1:.1f} tokens/s{ratio('b1', b1)}; "
+              f"8 streams {b8:.1f}{ratio('b8', b8)}")
+        if device.type == "cuda":
+            print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         engine.close()
 
 

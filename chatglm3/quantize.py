@@ -171,6 +171,17 @@ class Quantizer:
             release_freed_memory()  # the unquantized copy and the packing's temporaries
 
 
+def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Quantizes a model already in memory, layer by layer (benchmarks build random models on
+    the device without a checkpoint); load_model(quantize=...) does the same while loading."""
+    device = next(model.parameters()).device
+    quantizer = Quantizer(mode, device)
+    for name in [n for n, _ in model.named_parameters() if quantizer.targets(n)]:
+        quantizer.apply(model, name)
+    model.quantize_mode = mode
+    return model
+
+
 def release_freed_memory() -> None:
     """Hands memory freed to glibc's heap back to the system (malloc_trim). Quantizing frees
     each layer's unquantized copy right after packing it; copies under glibc's mmap threshold

@@ -319,3 +319,46 @@ def test_load_peak_is_the_quantized_model_plus_one_shard(tmp_path: Path) -> None
     assert int4["growth"] <= int4["weights"] + largest + 96 * 2**20, (int4, largest)
     assert int4["growth"] < 0.8 * none["growth"], (int4, none)
     assert int4["after"] < 1.3 * int4["weights"], int4
+
+
+# ---- the command line and the Cog predictor take the mode ----
+
+@pytest.mark.slow
+def test_cli_generate_with_quantize() -> None:
+    from test_cli import cli
+
+    out = cli("generate", "--weights", str(TINY_CKPT), "--quantize", "int8", "--prompt", "你好",
+              "--max-tokens", "4", "--temperature", "0", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "linear layers quantized to int8" in out.stderr
+    assert "(quantize int8)" in out.stderr
+    assert json.loads(out.stdout)["output_token_count"] == 4
+    bad = cli("generate", "--weights", str(TINY_CKPT), "--quantize", "int3", "--prompt", "x")
+    assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
+
+
+def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
+    import predict
+
+    monkeypatch.setattr(predict.coglet_cancel, "install", lambda: None)
+    monkeypatch.setattr(predict.coglet_cancel, "check_coglet_version", lambda: None)
+    monkeypatch.setenv("CHATGLM3_DEVICE", "cpu")
+    monkeypatch.setenv("CHATGLM3_DTYPE", "bfloat16")
+    monkeypatch.setenv("COG_MAX_CONCURRENCY", "2")
+    monkeypatch.setenv("CHATGLM3_QUANTIZE", "int4")
+    p = predict.Predictor()
+    p.setup(weights=str(TINY_CKPT))
+    try:
+        assert p.engine.quantize == "int4" and isinstance(p.engine.model.lm_head, Int8Linear)
+        log = capsys.readouterr().out
+        assert f"quantize: int4 (CHATGLM3_QUANTIZE); weights " \
+               f"{p.engine.weight_bytes / 2**30:.2f} GiB" in log
+        assert "KV cache: " in log and "ready: " in log
+    finally:
+        p.engine.close()
+    monkeypatch.setenv("CHATGLM3_QUANTIZE", "int3")
+    monkeypatch.setattr(predict.Engine, "from_pretrained",
+                        lambda *a, **k: pytest.fail("loaded despite a bad CHATGLM3_QUANTIZE"))
+    with pytest.raises(ValueError, match="CHATGLM3_QUANTIZE: quantize: expected one of none, "
+                                         "int8, int4, got 'int3'"):
+        predict.Predictor().setup(weights=str(TINY_CKPT))
