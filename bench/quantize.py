@@ -10,7 +10,11 @@ quality: the golden tiny checkpoint and a random real-width checkpoint (--qualit
   layers): against fp32 without quantization, the last-token logits' relative L2, top-1
   agreement over every position of a --text-tokens text, and how many greedy tokens match
   fp32's continuation (of --greedy tokens), for bf16 without quantization and each mode.
-Usage: python bench/quantize.py [speed|quality|both] [--layers 4] [--rounds 2]
+parts: what the embedding and the output layer would cost and give, on the real-width
+  checkpoint (bf16 compute): last-token logits' relative L2 vs fp32 and top-1 agreement over a
+  --parts-tokens text with the output layer unquantized, int8 or int4 (layers int4), and with
+  the embedding rounded to int8 per row; the output layer's share of a batch-1 step.
+Usage: python bench/quantize.py [speed|quality|parts|all] [--layers 4] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -178,9 +182,65 @@ def quality(args: argparse.Namespace) -> None:
     print("\n" + "\n".join(rows))
 
 
+def parts(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    import chatglm3.quantize as Q
+    from chatglm3.checkpoint import load_model
+    from chatglm3.tokenizer import ChatGLMTokenizer
+    from synthetic import write_checkpoint
+
+    wide = ROOT / "bench" / "out" / f"ckpt-{args.quality_layers}l"
+    if not (wide / "pytorch_model.bin.index.json").exists():
+        write_checkpoint(wide, num_layers=args.quality_layers)
+    tok = ChatGLMTokenizer.from_dir(wide)
+    ids = (tok.build_chat_input([]) + tok.encode_text((ROOT / "README.md").read_text()))
+    ids = torch.tensor(ids[: args.parts_tokens])[None]
+
+    def logits(model) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[0]
+            return torch.cat([model.lm_head(h).float() for h in hidden.split(128)])
+
+    ref = logits(load_model(wide, "cpu", torch.float32))
+    print(f"{args.quality_layers} layers at real width, {ids.shape[1]} tokens; layers int4, "
+          "bf16 compute, against fp32 without quantization")
+    print("| output layer | embedding | last-token logits rel. L2 | top-1 = fp32 | output layer "
+          "ms per batch-1 step | output layer bytes |")
+    print("|---|---|---|---|---|---|")
+    for output, embed in (("none", "bf16"), ("int8", "bf16"), ("int4", "bf16"),
+                          ("int8", "int8 (rounded per row)")):
+        Q.Quantizer.output_mode = output
+        model = load_model(wide, "cpu", torch.bfloat16, quantize="int4")
+        if embed != "bf16":
+            with torch.no_grad():
+                w = model.model.embed_tokens.weight
+                s = (w.float().abs().amax(1, keepdim=True) / 127).to(w.dtype).float()
+                w.copy_((w.float() / s).round().clamp(-127, 127) * s)
+        out = logits(model)
+        rel = float((out[-1] - ref[-1]).norm() / ref[-1].norm())
+        top1 = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+        x = torch.randn(1, 1, model.config.hidden_size, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            model.lm_head(x)
+            t = time.perf_counter()
+            for _ in range(10):
+                model.lm_head(x)
+            ms = (time.perf_counter() - t) * 100
+        head = Q.weight_bytes(model.lm_head)
+        print(f"| {output} | {embed} | {rel:.4f} | {top1:.2%} | {ms:.1f} | "
+              f"{head / 2**20:.0f} MiB |", flush=True)
+        del model
+        Q.release_freed_memory()
+    Q.Quantizer.output_mode = "int8"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("what", nargs="?", default="both", choices=("speed", "quality", "both"))
+    ap.add_argument("what", nargs="?", default="all",
+                    choices=("speed", "quality", "parts", "all"))
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
@@ -189,12 +249,15 @@ def main() -> None:
     ap.add_argument("--quality-layers", type=int, default=2)
     ap.add_argument("--text-tokens", type=int, default=2000)
     ap.add_argument("--greedy", type=int, default=32)
+    ap.add_argument("--parts-tokens", type=int, default=512)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
-    if args.what in ("speed", "both"):
+    if args.what in ("speed", "all"):
         speed(args)
-    if args.what in ("quality", "both"):
+    if args.what in ("quality", "all"):
         quality(args)
+    if args.what in ("parts", "all"):
+        parts(args)
 
 
 if __name__ == "__main__":

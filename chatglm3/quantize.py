@@ -143,6 +143,10 @@ def _torchao_config(mode: str, device: torch.device):
 class Quantizer:
     """Quantizes the model's linear layers one by one as load_model fills them."""
 
+    # The output layer's mode whatever the layers' (see the module docstring; bench/quantize.py
+    # sets it to compare "none", "int8" and "int4").
+    output_mode = "int8"
+
     def __init__(self, mode: str, device: torch.device) -> None:
         self.mode, self.device = check_mode(mode), torch.device(device)
         self._config = None
@@ -151,7 +155,9 @@ class Quantizer:
         """Whether the weight `name` (a GlmForCausalLM state-dict name) gets quantized."""
         if self.mode == "none":
             return False
-        return name == _OUTPUT or _LAYER_LINEAR.fullmatch(name) is not None
+        if name == _OUTPUT:
+            return self.output_mode != "none"
+        return _LAYER_LINEAR.fullmatch(name) is not None
 
     def apply(self, model: torch.nn.Module, name: str) -> None:
         """Quantizes the linear layer whose weight `name` has just been loaded into `model`."""
@@ -159,7 +165,7 @@ class Quantizer:
         parent_name, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child)
-        mode = "int8" if name == _OUTPUT else self.mode  # the output layer: int8 (see above)
+        mode = self.output_mode if name == _OUTPUT else self.mode
         if mode == "int8" and self.device.type == "cpu":
             setattr(parent, child, Int8Linear.from_linear(linear))
         else:
