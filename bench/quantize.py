@@ -14,7 +14,11 @@ parts: what the embedding and the output layer would cost and give, on the real-
   checkpoint (bf16 compute): last-token logits' relative L2 vs fp32 and top-1 agreement over a
   --parts-tokens text with the output layer unquantized, int8 or int4 (layers int4), and with
   the embedding rounded to int8 per row; the output layer's share of a batch-1 step.
-Usage: python bench/quantize.py [speed|quality|parts|all] [--layers 4] [--rounds 2]
+kernels: one linear layer of the real MLP (27,392 x 4,096), ms per call at batch 1 and 8 (and
+  a 128-row prefill chunk): bf16, torchao's Int8WeightOnlyConfig, aten's _weight_int8pack_mm
+  (quantize.Int8Linear), torchao's CPU int4 at group sizes 32, 64, 128; and a 2,048-row fp32
+  chunk of a small layer, where the int kernels take their slow path.
+Usage: python bench/quantize.py [speed|quality|parts|kernels|all] [--layers 4] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -237,10 +241,62 @@ def parts(args: argparse.Namespace) -> None:
     Q.Quantizer.output_mode = "int8"
 
 
+def kernels(args: argparse.Namespace) -> None:
+    import copy
+    import time
+
+    import torch
+
+    import chatglm3.quantize as Q
+
+    with Q._quiet_torchao_import():
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        from torchao.prototype.quantization.int4.inference_workflow import (
+            PrototypeInt4WeightOnlyConfig)
+
+    def best_ms(fn, x, n: int = 5) -> float:
+        fn(x)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn(x)
+            times.append((time.perf_counter() - t) / n)
+        return min(times) * 1000
+
+    def variants(lin: torch.nn.Linear) -> dict:
+        out = {"unquantized": lin}
+        ao8 = copy.deepcopy(lin)
+        quantize_(ao8, Int8WeightOnlyConfig(set_inductor_config=False))
+        out["torchao Int8WeightOnlyConfig"] = ao8
+        out["aten _weight_int8pack_mm (Int8Linear)"] = Q.Int8Linear.from_linear(lin)
+        for g in (32, 64, 128):
+            m = copy.deepcopy(lin)
+            quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=g, set_inductor_config=False))
+            out[f"torchao CPU int4, group {g}"] = m
+        return out
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4096, 27392, bias=False).to(torch.bfloat16).requires_grad_(False)
+    print("one 27,392 x 4,096 layer, bf16 activations, ms per call (best of 3)")
+    print("| weights | batch 1 | batch 8 | 128 rows |")
+    print("|---|---|---|---|")
+    with torch.inference_mode():
+        for name, m in variants(lin).items():
+            row = [best_ms(m, torch.randn(rows, 4096, dtype=torch.bfloat16), n)
+                   for rows, n in ((1, 8), (8, 4), (128, 1))]
+            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
+        small = torch.nn.Linear(256, 1024, bias=False).requires_grad_(False)
+        x = torch.randn(2048, 256)
+        print("\nfp32, a 1,024 x 256 layer (the tiny checkpoint's gate_up), 2,048 rows, ms: " +
+              ", ".join(f"{name} {best_ms(m, x, 2):.1f}" for name, m in variants(small).items()
+                        if "group 32" not in name and "group 64" not in name))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("what", nargs="?", default="all",
-                    choices=("speed", "quality", "parts", "all"))
+                    choices=("speed", "quality", "parts", "kernels", "all"))
     ap.add_argument("--ckpt", type=Path, default=None)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
@@ -258,6 +314,8 @@ def main() -> None:
         quality(args)
     if args.what in ("parts", "all"):
         parts(args)
+    if args.what in ("kernels", "all"):
+        kernels(args)
 
 
 if __name__ == "__main__":
