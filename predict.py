@@ -48,6 +48,7 @@ from chatglm3.download import resolve_weights
 from chatglm3.engine import Engine, Generation
 from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams
+from chatglm3.quantize import check_mode
 
 HISTORY_HELP = 'Earlier turns as JSON text, oldest first; empty = none. Either a list of messages [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; a system message may only come first), or a list of [question, answer] pairs [["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item. At most 8388608 characters and 32 levels of nesting.'
 STOP_HELP = r"Comma-separated strings that end the answer where they first appear (they are not part of the output), e.g. 'Observation:,User:'. Escapes: \, is a comma inside a stop string, \n a newline, \t a tab, \\ a backslash; anything else, spaces included, is kept as typed. At most 16 strings of at most 256 characters. Empty = none (the model's own end tokens always stop it)."
@@ -97,10 +98,16 @@ class Predictor(BaseRunner):
         if warning:
             print(f"warning: {warning}", flush=True)
         device = resolve_device(os.environ.get("CHATGLM3_DEVICE", "auto"))
+        # CHATGLM3_QUANTIZE: none | int8 | int4, checked before the weights are fetched.
+        quantize = os.environ.get("CHATGLM3_QUANTIZE", "").strip().lower() or "none"
+        try:
+            check_mode(quantize)
+        except ValueError as e:
+            raise ValueError(f"CHATGLM3_QUANTIZE: {e}") from None
         t1 = time.perf_counter()
         source = weights or None
         print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source)
+        path = resolve_weights(source, knob="COG_WEIGHTS")
         t2 = time.perf_counter()
         batch = _batch_size()
         # CHATGLM3_KV_BUDGET (e.g. 7GiB, 8e9): the KV cache's size, planned once; unset: on a
@@ -121,13 +128,6 @@ class Predictor(BaseRunner):
             if raw_prefix not in ("0", "1", "off", "on", "false", "true"):
                 raise ValueError(f"CHATGLM3_PREFIX_CACHE: expected 0 or 1, got {raw_prefix!r}")
             prefix_cache = raw_prefix in ("1", "on", "true")
-        quantize = os.environ.get("CHATGLM3_QUANTIZE", "").strip().lower() or "none"
-        from chatglm3.quantize import check_mode
-
-        try:
-            check_mode(quantize)  # before the weights load: a typo should not cost a load
-        except ValueError as e:
-            raise ValueError(f"CHATGLM3_QUANTIZE: {e}") from None
         self.engine = Engine.from_pretrained(
             path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
             max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
@@ -136,8 +136,11 @@ class Predictor(BaseRunner):
               f"{self.engine.weight_bytes / 2**30:.2f} GiB", flush=True)
         plan = self.engine.kv_plan
         print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
-        print(f"prefix cache: {'on' if self.engine.prefix_cache else 'off'} "
-              "(CHATGLM3_PREFIX_CACHE)", flush=True)
+        on = bool(self.engine.prefix_cache)
+        why = (f"CHATGLM3_PREFIX_CACHE={raw_prefix}" if raw_prefix else
+               f"the default on a {'GPU' if device.type == 'cuda' else 'CPU'}; "
+               f"CHATGLM3_PREFIX_CACHE={'0' if on else '1'} turns it {'off' if on else 'on'}")
+        print(f"prefix cache: {'on' if on else 'off'} ({why})", flush=True)
         if plan is not None and plan.rows < batch:
             print(f"KV cache holds {plan.rows} requests at a time; the other predictions of "
                   f"the {batch} allowed wait for a row, in order", flush=True)
@@ -190,11 +193,11 @@ class Predictor(BaseRunner):
             default=0.0, ge=-2.0, le=2.0,
             description="Subtracted from a token's score once per time it was already generated; above 0 repeats less, 0 = off."),
     ) -> ConcatenateIterator[str]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                min_tokens=min_tokens, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
         try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                    min_tokens=min_tokens, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty)
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.
             ids = await asyncio.to_thread(self._prepare, prompt, system_prompt, history,
@@ -228,19 +231,27 @@ class Predictor(BaseRunner):
                 yield piece
         except (CancelationException, GeneratorExit):
             gen.cancel()  # stops the forward passes before the next step
+            for _ in gen:  # the engine ends the request before its next step: wait for that,
+                pass       # so the metrics below hold the final counts and speed
+            self._record_metrics(gen)
             print(f"cancelled after {len(r.output_ids)} tokens", flush=True)
             raise
         except BaseException:
             gen.cancel()
             raise
+        self._record_metrics(gen)
         if r.stop_reason == "cancelled":  # cancel() reached the engine: the stream just ended
             print(f"cancelled after {r.output_token_count} tokens", flush=True)
             return
-        self.record_metric("cached_input_token_count", r.cached_input_token_count)
-        self.record_metric("output_token_count", r.output_token_count)
-        self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
-        self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))
         print(f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
               f"cached_input_tokens={r.cached_input_token_count} "
               f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
               flush=True)
+
+    def _record_metrics(self, gen: Generation) -> None:
+        """Every metric, also for a cancelled prediction (its counts so far)."""
+        r = gen.result
+        self.record_metric("cached_input_token_count", r.cached_input_token_count)
+        self.record_metric("output_token_count", len(r.output_ids))
+        self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
+        self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))

@@ -374,13 +374,22 @@ class Engine:
         self._closed = False
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
+    def from_pretrained(cls, model_dir: str | Path | None = None, device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "auto", progress: bool = False,
                         quantize: str = "none", **kwargs) -> "Engine":
-        """Loads a checkpoint directory; `progress`: per-shard progress on stderr;
-        `quantize`: none | int8 | int4 weight-only quantization at load (quantize.py)."""
+        """Loads a checkpoint; `progress`: download and per-shard progress on stderr;
+        `quantize`: none | int8 | int4 weight-only quantization at load (quantize.py).
+
+        `model_dir` takes what the CLI's --weights takes: a checkpoint folder (relative to the
+        current directory), None for the official 32k weights (fetched into the repository's
+        weights/ if not there yet), a hub repo id "owner/name[@revision]", or the https URL of
+        a .tar/.tar.gz. The device is checked before anything is fetched."""
+        from .download import resolve_weights
+        from .quantize import check_mode
+
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        dt = compute_dtype(quantize, dev, resolve_dtype(dtype, dev))
+        dt = compute_dtype(check_mode(quantize), dev, resolve_dtype(dtype, dev))
+        model_dir = resolve_weights(model_dir, progress=progress)
         model = load_model(model_dir, dev, dt, progress=progress, quantize=quantize)
         return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
 

@@ -373,8 +373,8 @@ def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
     finally:
         p.engine.close()
     monkeypatch.setenv("CHATGLM3_QUANTIZE", "int3")
-    monkeypatch.setattr(predict.Engine, "from_pretrained",
-                        lambda *a, **k: pytest.fail("loaded despite a bad CHATGLM3_QUANTIZE"))
+    monkeypatch.setattr(predict, "resolve_weights",
+                        lambda *a, **k: pytest.fail("fetched despite a bad CHATGLM3_QUANTIZE"))
     with pytest.raises(ValueError, match="CHATGLM3_QUANTIZE: quantize: expected one of none, "
                                          "int8, int4, got 'int3'"):
         predict.Predictor().setup(weights=str(TINY_CKPT))
