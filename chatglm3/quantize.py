@@ -18,16 +18,17 @@ What runs, measured on this project's 2-core CPU (bench/quantize.py; torch 2.13,
   and then runs a bf16 matmul: measured 9.7x slower than bf16 at batch 1 on a 27392x4096
   layer (123 ms vs 12.7 ms), while `_weight_int8pack_mm` takes 8.9 ms.
 - int8, CUDA: torchao's `Int8WeightOnlyConfig` (the same convert-then-matmul; on a GPU without
-  torch.compile it saves memory, not time). aten's CUDA `_weight_int8pack_mm` is a naive
-  one-thread-per-output fp32 kernel, no faster. Offered because it is what fits a 16 GB card
-  that cannot run int4's tinygemm (no bfloat16: T4).
+  torch.compile it is expected to save memory, not time; not measured: no GPU here, and
+  whether aten's `_weight_int8pack_mm` has a fast CUDA kernel could not be checked). Offered
+  because it is what fits a 16 GB card that cannot run int4's tinygemm (no bfloat16: T4).
 
 What is quantized: every linear layer of attention (q, k, v, o) and the MLP (gate_up, down),
 and the output layer (lm_head) in int8 in both modes: at batch 1 it is 4.5% of a 6B step's
-bytes (0.5 GB), and int8 moves the last-token logits by less than the layers do (measured,
-README), while int4 would move them more than the layers and buys 0.13 GB more. The
-embedding stays in the compute dtype: a lookup reads one row per token (no speed to win), and
-keeping it exact keeps the inputs of every layer exact.
+bytes (0.5 GB); measured (bench/quantize.py parts, README), int8 adds no measurable error to
+the last-token logits and takes a third of bf16's time, while int4 adds error and runs slower
+than int8 on the CPU for 0.12 GB less. The embedding stays in the compute dtype: a lookup
+reads one row per token (no speed to win); int8 rows would save 0.25 GB (measured harmless,
+not done: torchao's int8 embedding dequantizes the whole table per call).
 
 Quantizing at load (checkpoint.load_model calls `Quantizer.apply` for each weight as it
 arrives): the unquantized copy of one tensor lives only until its module is quantized, so the
