@@ -21,7 +21,7 @@ Usage (device machine, ~3 minutes on an H200): python bench/gpu.py [--layers 28]
 Smoke test here (CPU, a 1-layer model, the graphs' fixed shapes without recording, a KV budget
 of two whole-context rows): python bench/gpu.py --device cpu --dtype bfloat16 --layers 1
     --tokens 4 --streams 2 --ttft 256 --bandwidth 20e9 --compare fixed --kv-budget 64MiB
-    --quality-tokens 64
+    --quality-tokens 64 --skip-prefill-warm-up
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--kv-budget", type=parse_bytes, default=None,
                     help="KV cache bytes per engine, e.g. 8GiB (default: planned from the free "
                          "GPU memory; on CPU, grown on demand)")
+    ap.add_argument("--skip-prefill-warm-up", action="store_true",
+                    help="warm up without the 15 prefill shapes (CPU smoke tests: minutes each)")
     ap.add_argument("--quantize", nargs="*", default=["int8", "int4"],
                     help="quantized modes to measure after the rest (none: skip)")
     ap.add_argument("--quality-tokens", type=int, default=2000,
@@ -132,7 +134,8 @@ def main() -> None:
         for label, line in setups.items():
             print(f"  {label}: {line}")
             if label in engines:
-                print(f"  {label} warm-up: {engines[label].warm_up()}")
+                report = engines[label].warm_up(prefill=not args.skip_prefill_warm_up)
+                print(f"  {label} warm-up: {report}")
 
     def batch_one() -> None:
         for engine in engines.values():
@@ -192,10 +195,11 @@ def main() -> None:
     def base_speed() -> None:  # the unquantized engine's numbers, for the ratios of 5.
         engine = engines.get(args.compare) or engines["eager"]
         base_rates["b1"] = engine_streams(engine, 1, args.tokens)[0]
-        base_rates["b8"] = engine_streams(engine, 8, args.tokens)[0]
+        base_rates["b8"] = engine_streams(engine, min(8, engine.max_batch), args.tokens)[0]
 
     if args.quantize:
-        section("5a. unquantized decode for the ratios (batch 1, 8 streams)", base_speed)
+        section("5a. unquantized decode for the ratios (batch 1, 8 streams or max_batch)",
+                base_speed)
     for engine in engines.values():
         engine.close()
     engines.clear()
@@ -249,18 +253,19 @@ def quantized_report(args, mode: str, tokenizer, text, prompt, reference, base_r
           f"{float((top1 == ref_top1).float().mean()):.2%} over {len(text)} positions; greedy "
           f"tokens matching {match}/{len(cont)}")
     for label in labels:
-        engine = Engine(model, tokenizer, max_batch=8, decode_step=label,
+        engine = Engine(model, tokenizer, max_batch=max(args.streams + [1]), decode_step=label,
                         kv_budget_bytes=args.kv_budget, prefix_cache=False)
         print(f"  {label}: weights {engine.weight_bytes / 2**30:.2f} GiB; KV cache "
               f"{engine.kv_plan or 'grown on demand'}")
-        print(f"  {label} warm-up: {engine.warm_up()}")
+        print(f"  {label} warm-up: "
+              f"{engine.warm_up(prefill=not args.skip_prefill_warm_up)}")
         engine_streams(engine, 1, 8)
         b1 = engine_streams(engine, 1, args.tokens)[0]
-        b8 = engine_streams(engine, 8, args.tokens)[0]
+        b8 = engine_streams(engine, min(8, engine.max_batch), args.tokens)[0]
         ratio = lambda key, v: (f" ({v / base_rates[key]:.2f}x unquantized)"  # noqa: E731
                                 if key in base_rates else "")
         print(f"  {label} ({engine.decode_step}): batch 1 {b1:.1f} tokens/s{ratio('b1', b1)}; "
-              f"8 streams {b8:.1f}{ratio('b8', b8)}")
+              f"{min(8, engine.max_batch)} streams {b8:.1f}{ratio('b8', b8)}")
         if device.type == "cuda":
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
         engine.close()
