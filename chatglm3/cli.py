@@ -326,7 +326,8 @@ def load_engine(args: argparse.Namespace) -> "Engine":
                                     decode_step=args.decode_step, kv_budget_bytes=budget,
                                     prefix_cache=False if args.no_prefix_cache else None,
                                     quantize=args.quantize)
-    say(f"weights: {_size(engine.weight_bytes)} (quantize {engine.quantize})")
+    if engine.quantize != "none":
+        say(f"weights: {_size(engine.weight_bytes)} (quantize {engine.quantize})")
     if engine.kv_plan is not None:
         say(f"KV cache: {engine.kv_plan}")
     # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager

@@ -95,7 +95,7 @@ def test_readme_chat_synopsis_lists_every_chat_option() -> None:
     readme = (ROOT / "README.md").read_text()
     synopsis = readme.split("python -m chatglm3 chat ", 1)[1].split("python -m chatglm3 generate", 1)[0]
     model = {"--weights", "--device", "--dtype", "--decode-step", "--kv-budget", "--no-prefix-cache",
-             "--help"}  # the model options, listed once for chat and generate below the synopses
+             "--quantize", "--help"}  # the model options, listed once for chat and generate below the synopses
     missing = [o for o in option_help("chat") if o not in model and o not in synopsis]
     assert not missing, missing
 
