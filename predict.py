@@ -98,7 +98,7 @@ class Predictor(BaseRunner):
         t1 = time.perf_counter()
         source = weights or None
         print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source)
+        path = resolve_weights(source, knob="COG_WEIGHTS")
         t2 = time.perf_counter()
         batch = _batch_size()
         # CHATGLM3_KV_BUDGET (e.g. 7GiB, 8e9): the KV cache's size, planned once; unset: on a
@@ -125,8 +125,11 @@ class Predictor(BaseRunner):
             kv_budget_bytes=kv_budget, prefix_cache=prefix_cache)
         plan = self.engine.kv_plan
         print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
-        print(f"prefix cache: {'on' if self.engine.prefix_cache else 'off'} "
-              "(CHATGLM3_PREFIX_CACHE)", flush=True)
+        on = bool(self.engine.prefix_cache)
+        why = (f"CHATGLM3_PREFIX_CACHE={raw_prefix}" if raw_prefix else
+               f"the default on a {'GPU' if device.type == 'cuda' else 'CPU'}; "
+               f"CHATGLM3_PREFIX_CACHE={'0' if on else '1'} turns it {'off' if on else 'on'}")
+        print(f"prefix cache: {'on' if on else 'off'} ({why})", flush=True)
         if plan is not None and plan.rows < batch:
             print(f"KV cache holds {plan.rows} requests at a time; the other predictions of "
                   f"the {batch} allowed wait for a row, in order", flush=True)
@@ -179,11 +182,11 @@ class Predictor(BaseRunner):
             default=0.0, ge=-2.0, le=2.0,
             description="Subtracted from a token's score once per time it was already generated; above 0 repeats less, 0 = off."),
     ) -> ConcatenateIterator[str]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                min_tokens=min_tokens, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
         try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                    min_tokens=min_tokens, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty)
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.
             ids = await asyncio.to_thread(self._prepare, prompt, system_prompt, history,
@@ -217,19 +220,27 @@ class Predictor(BaseRunner):
                 yield piece
         except (CancelationException, GeneratorExit):
             gen.cancel()  # stops the forward passes before the next step
+            for _ in gen:  # the engine ends the request before its next step: wait for that,
+                pass       # so the metrics below hold the final counts and speed
+            self._record_metrics(gen)
             print(f"cancelled after {len(r.output_ids)} tokens", flush=True)
             raise
         except BaseException:
             gen.cancel()
             raise
+        self._record_metrics(gen)
         if r.stop_reason == "cancelled":  # cancel() reached the engine: the stream just ended
             print(f"cancelled after {r.output_token_count} tokens", flush=True)
             return
-        self.record_metric("cached_input_token_count", r.cached_input_token_count)
-        self.record_metric("output_token_count", r.output_token_count)
-        self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
-        self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))
         print(f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
               f"cached_input_tokens={r.cached_input_token_count} "
               f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
               flush=True)
+
+    def _record_metrics(self, gen: Generation) -> None:
+        """Every metric, also for a cancelled prediction (its counts so far)."""
+        r = gen.result
+        self.record_metric("cached_input_token_count", r.cached_input_token_count)
+        self.record_metric("output_token_count", len(r.output_ids))
+        self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
+        self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))

@@ -513,3 +513,22 @@ def test_the_tokenizer_alone_is_fetched_for_encode(hub, tmp_path):
     other = tmp_path / "other"
     assert resolve_tokenizer("test/tiny", dest=other, progress=False) == other
     assert not hub.seen(match=".bin") and (other / "tokenizer.model").is_file()
+
+
+def test_engine_from_pretrained_takes_what_the_cli_takes(hub, tmp_path, monkeypatch):
+    """None: the official weights, fetched into the weights folder first; a hub repo id too."""
+    from chatglm3.engine import Engine
+    from chatglm3.params import SamplingParams
+
+    monkeypatch.setenv("CHATGLM3_WEIGHTS_DIR", str(tmp_path / "w"))
+    engine = Engine.from_pretrained(None, "cpu", "float32")
+    try:
+        assert (tmp_path / "w" / "config.json").is_file()
+        assert engine.generate_ids([64790, 64792, 64795], SamplingParams(max_tokens=3,
+                                                                         temperature=0)).text()
+    finally:
+        engine.close()
+    hub.reset()
+    engine = Engine.from_pretrained("test/tiny", "cpu", "float32")
+    engine.close()
+    assert hub.seen(match="/test/tiny/resolve/")
