@@ -296,11 +296,9 @@ def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dic
 def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, reference) -> None:
     """A decoding step runs the same number of device ops for 1 request as for 4 (the batch's
     tokens go to the device, and into the id history, in one op each; they used to be
-    written one request at a time), driven here on the test's thread without the worker."""
+    written one request at a time), driven here on the test's thread without the worker:
+    the scheduler plans, the model runner runs, the output processor takes the tokens."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from chatglm3.engine import GenerationResult, _Request
-    from chatglm3.sampling import RequestSampling
 
     class CountOps(TorchDispatchMode):
         def __init__(self) -> None:
@@ -313,21 +311,27 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
 
     def ops_for(batch: int) -> int:
         other = Engine(engine.model, engine.tokenizer, max_batch=4)
-        running = []
+        sched, runner, output = other.scheduler, other.runner, other.output
+
+        def step() -> None:
+            tokens = runner.decode(sched.running)
+            assert not any(output.take(r, t) for r, t in zip(sched.running, tokens))
+
         with torch.inference_mode():
             for i in range(batch):
                 ids = reference["prompts"][0]["input_ids"] + [100 + i]
-                params = SamplingParams(max_tokens=10, **GREEDY)
-                r = _Request(ids, RequestSampling(params), GenerationResult(max_tokens=10),
-                             engine.tokenizer, other.device)
-                while not other._prefill_step(r):
-                    pass
-                assert not other._finished_after(r, r.prefill_token)
-                other._admit(r, running)
-            other._decode_step(running)  # shapes met once
+                sched.add(other.prepare(ids, SamplingParams(max_tokens=10, **GREEDY)))
+                token = None
+                while token is None:
+                    chunk = sched.schedule().prefill
+                    token = runner.prefill(chunk, chunk.request.reuse)
+                    sched.prefilled(chunk)
+                assert not output.take(chunk.request, token)
+                runner.admit(chunk.request, *sched.end_prefill(chunk.request, admit=True))
+            step()  # shapes met once
             with CountOps() as count:
-                other._decode_step(running)
-        assert [len(r.result.output_ids) for r in running] == [3] * batch
+                step()
+        assert [len(r.output_ids) for r in sched.running] == [3] * batch
         other.close()
         return count.ops
 

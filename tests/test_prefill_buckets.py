@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-import chatglm3.engine as engine_module
+import chatglm3.model_runner as engine_module
 from chatglm3.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine, prefill_bucket
 from chatglm3.params import SamplingParams
 
@@ -168,15 +168,15 @@ def _admitted_caches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[tu
     """Captures (prompt length, per-layer keys, per-layer values) of each prefilled cache as
     the engine hands it to decoding."""
     seen: list[tuple] = []
-    admit = engine._admit
+    admit = engine.runner.admit
 
-    def spy(r, running) -> None:
-        layers = r.prefill_cache.layers
+    def spy(r, row, moves) -> None:
+        layers = r.tensors.cache.layers
         seen.append((len(r.prompt), [layer.keys.clone() for layer in layers],
                      [layer.values.clone() for layer in layers]))
-        admit(r, running)
+        admit(r, row, moves)
 
-    monkeypatch.setattr(engine, "_admit", spy)
+    monkeypatch.setattr(engine.runner, "admit", spy)
     return seen
 
 
