@@ -1,6 +1,6 @@
 """A new user's first hour with `python -m chatglm3` and `scripts/run`: help texts that state
 params.py's limits, where the prompt comes from, Ctrl-C, relative paths, loading messages and
-`pip install -e .`. Real subprocesses on the shared tiny checkpoint, as in test_cli.py."""
+`pip install -e .`. Real subprocesses on the shared tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -17,11 +17,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
+
 from chatglm3 import params
 from chatglm3.messages import build_messages
 from chatglm3.tokenizer import ChatGLMTokenizer
 from conftest import ROOT, TINY_CKPT, TOKENIZER_MODEL
-from test_cli import ENV, TINY, cli
+from test_cli import TINY
+
+# No network: a fetch attempt would fail fast instead of reaching out.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m chatglm3 ARGS` as a real subprocess (what these tests are about)."""
+    return subprocess.run([sys.executable, "-m", "chatglm3", *args], input=stdin, env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared]  # subprocesses
 
 # A sampled run that goes on for hundreds of tokens on the tiny model (546 before it samples a
 # stop token; ~50 tokens/s on a 2-core CPU): something to interrupt.

@@ -37,7 +37,7 @@ def test_buckets() -> None:
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=pytest.mark.slow)])  # 2: 6,118 tokens
 def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
@@ -46,6 +46,7 @@ def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> No
     assert gen.result.output_ids == expected
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_padded_batches_join_and_leave(fixed: Engine, reference: dict) -> None:
     """Three requests (padded to a batch of 4), one of 6,118 tokens that grows the cache
     while the others decode, leaving at different times: each gives its official tokens."""
@@ -147,6 +148,7 @@ def test_graph_count_is_batch_buckets_times_read_lengths() -> None:
         assert n <= b <= max(2 * n - 1, MIN_READ)
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_steps_read_what_their_furthest_row_needs(fixed: Engine, reference: dict) -> None:
     """Long and short requests come and go on the fixed-shape path (the graphs' shapes): every
     step reads at most twice its furthest row (256 positions at least), not the whole cache,

@@ -42,7 +42,7 @@ class ForwardCounter:
         self.handle.remove()
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=pytest.mark.slow)])  # 2: 6,118 tokens
 def test_greedy_equals_official_generate(engine: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
@@ -243,6 +243,7 @@ def test_metrics(engine: Engine) -> None:
     assert 0 < r.time_to_first_token < 60 and r.tokens_per_second > 0
 
 
+@pytest.mark.slow  # a 16k-token prompt
 def test_sixteen_thousand_token_prompt(engine: Engine, tokenizer) -> None:
     text = "The quick brown fox 跳过了懒狗 🦊. " * 1200
     ids = tokenizer.build_chat_input(build_messages(text))
@@ -273,6 +274,7 @@ def test_async_iteration_of_concurrent_requests(engine: Engine, reference: dict)
     assert asyncio.run(main()) == alone * 3
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, reference: dict):
     """Requests of different prompt lengths decode in one batch, joining and leaving it at
     different times, and each still gives the official greedy continuation."""

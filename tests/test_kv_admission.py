@@ -14,6 +14,8 @@ from chatglm3.kv_rows import KVBudgetError
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row

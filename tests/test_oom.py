@@ -14,6 +14,8 @@ from chatglm3.engine import Engine, OutOfMemory
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 
 

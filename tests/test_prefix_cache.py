@@ -22,6 +22,8 @@ from chatglm3.prefix_cache import ALIGN, PrefixCache, as_ids, common_prefix
 from chatglm3.tokenizer import Message
 from conftest import consume_together
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row
