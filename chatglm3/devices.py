@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from .settings import DEVICES
 
 
 class DeviceError(RuntimeError):

@@ -44,6 +44,7 @@ from .params import SamplingParams
 from .rows import RowAllocator
 from .sampling import RequestSampling
 from .scheduler import PrefillChunk, Request, Scheduler
+from .settings import DEFAULT_MAX_BATCH, PREFILL_BUDGET
 from .tokenizer import ChatGLMTokenizer, Message
 from .warmup import WarmUp, warm_up
 
@@ -51,13 +52,10 @@ __all__ = ["DECODE_STEPS", "DEFAULT_MAX_BATCH", "Engine", "EngineStats", "Genera
            "GenerationResult", "OutOfMemory", "PREFILL_BUCKETS", "PREFILL_CHUNK",
            "PREFILL_BUDGET", "PromptTooLong", "RequestTooLarge", "WarmUp", "prefill_bucket"]
 
-DEFAULT_MAX_BATCH = 8
 # With the prefix cache on, a planned KV cache takes up to this many rows beyond max_batch (as
 # many as its budget holds) to keep finished requests' keys/values in; every lookup compares
 # the input with each entry (numpy, ~30 us per 32k-id entry).
 MAX_PREFIX_ROWS = 256
-# Prompt tokens per step while other requests decode (scheduler.py; README "Scheduling").
-PREFILL_BUDGET = PREFILL_CHUNK  # (step 4 of issue 21 lowers it)
 
 log = logging.getLogger(__name__)
 
@@ -263,20 +261,29 @@ class Engine:
     def generate(self, messages: Sequence[Message],
                  params: SamplingParams | None = None) -> Generation:
         """Validates the request now (raising PromptTooLong / SettingsError) and queues it."""
-        params = params or SamplingParams()
-        params.validate()  # before encoding: a bad setting costs no tokenizing
-        return self._queue(self.prepare(self.encode(messages), params))
+        return self.submit(self.prepare_messages(messages, params or SamplingParams()))
 
     def generate_ids(self, ids: Sequence[int], params: SamplingParams | None = None) -> Generation:
         """Queues a request given as chat input ids (see `encode`); RequestTooLarge at once if
         no cache row as planned could ever hold it."""
-        params = params or SamplingParams()
-        params.validate()
-        return self._queue(self.prepare(list(ids), params))
+        return self.submit(self.prepare(ids, params or SamplingParams()))
 
-    def prepare(self, ids: list[int], params: SamplingParams) -> Request:
-        """A checked request, not queued (the worker's steps, or a test, drive it): the one
-        place a request's size is checked (its params are validated)."""
+    # A request's checks, in the one order every path takes: the settings (validated here and
+    # nowhere else on the way: SamplingParams.validate), the conversation's size, the KV row.
+    # prepare*() may run on any thread (predict.py tokenizes off its event loop); submit()
+    # queues what they made.
+
+    def prepare_messages(self, messages: Sequence[Message], params: SamplingParams) -> Request:
+        """A checked request for a conversation, not queued yet (see `submit`)."""
+        params.validate()  # before encoding: a bad setting costs no tokenizing
+        return self._build(self.encode(messages), params)
+
+    def prepare(self, ids: Sequence[int], params: SamplingParams) -> Request:
+        """A checked request for chat input ids, not queued yet (see `submit`)."""
+        params.validate()
+        return self._build(list(ids), params)
+
+    def _build(self, ids: list[int], params: SamplingParams) -> Request:
         if not ids or not all(isinstance(i, int) and 0 <= i < self.tokenizer.vocab_size
                               for i in ids):
             raise ValueError(f"ids: expected a non-empty list of token ids below "
@@ -294,7 +301,8 @@ class Engine:
         stream = OutputStream(self.tokenizer, result, params.stop)
         return Request(ids, stream, sampling, output_ids=result.output_ids)
 
-    def _queue(self, request: Request) -> Generation:
+    def submit(self, request: Request) -> Generation:
+        """Queues a prepared request; its stream."""
         self._start_worker()
         with self._wake:
             self._incoming.put(request)

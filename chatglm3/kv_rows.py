@@ -24,11 +24,12 @@ positions of a larger buffer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from .settings import parse_bytes  # noqa: F401 - where it used to be
 
 # Capacities below the context are multiples of this many positions (and the fixed-shape
 # decoder's smallest read length is as large: see decode_graphs.MIN_READ).
@@ -258,21 +259,6 @@ def plan_kv(*, total_bytes: int, free_bytes: int, weight_bytes: int, bytes_per_t
     except KVBudgetError as e:
         raise KVBudgetError(f"not enough GPU memory for the KV cache: {e} ({source})") from None
     return KVPlan(rows, capacity, bytes_per_token, budget, source)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'7GiB', '7.5 GB', '512MiB', '8e9', '1073741824' -> bytes (GB = 10^9, GiB = 2^30)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"KV budget: expected a size such as 7GiB, 7.5GB or 8e9 bytes, "
-                         f"got {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def _gib(n: float) -> str:

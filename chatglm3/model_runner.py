@@ -21,7 +21,7 @@ from .rows import Move
 from .sampling import pick
 from .scheduler import PrefillChunk, Request
 
-PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
+from .settings import DECODE_STEPS, PREFILL_CHUNK
 
 
 def _prefill_buckets(smallest: int = 16, largest: int = PREFILL_CHUNK) -> tuple[int, ...]:
@@ -55,9 +55,8 @@ def prefill_bucket(n: int) -> int:
     return next(b for b in PREFILL_BUCKETS if b >= n)
 
 
-# What a user may choose. "fixed" (the graphs' padded shapes, run eagerly, so that CPU tests
-# check them) is a test-only keyword, accepted but not offered.
-DECODE_STEPS = ("auto", "eager", "graphs")
+# What a user may choose is settings.DECODE_STEPS. "fixed" (the graphs' padded shapes, run
+# eagerly, so that CPU tests check them) is a test-only keyword, accepted but not offered.
 _TEST_DECODE_STEPS = ("fixed",)
 
 log = logging.getLogger(__name__)

@@ -471,7 +471,9 @@ def test_env_switch(monkeypatch) -> None:
         seen.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(predict.Engine, "from_pretrained", from_pretrained)
+    from chatglm3.engine import Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
     monkeypatch.setattr(predict.coglet_cancel, "install", lambda: None)
     monkeypatch.setattr(predict.coglet_cancel, "check_coglet_version", lambda: None)
     monkeypatch.setattr(predict, "resolve_weights", lambda *a, **k: "/nowhere")
