@@ -1,23 +1,8 @@
 """The generation engine: chat messages in, a stream of text deltas and a final record out.
 
-Why not transformers' own continuous batching (`model.init_continuous_batching()`, checked in
-transformers 5.24, generation/continuous_batching/): it cannot serve this API's requests.
-- No per-request seed: tokens are drawn with `torch.multinomial` on the process-wide generator
-  (ModelRunner._sample), seeded once per manager (ContinuousBatchingConfig.seed ->
-  DistributedHelper.set_tp_seed -> torch.manual_seed); a request's draws depend on what else
-  runs, so a reported seed would not reproduce its output.
-- Greedy and sampled requests cannot share a batch: `do_sample` is read once from the
-  GenerationConfig (ContinuousBatchProcessor.do_sample) and ModelRunner._sample applies
-  multinomial or argmax to every row.
-- The repetition penalty is dropped: RepetitionPenaltyLogitsProcessor says
-  `supports_continuous_batching = False`, and ContinuousBatchingLogitsProcessorList removes
-  it (drop_unsupported_processors defaults to True); kept, it would be one value for all
-  requests (only temperature, top-k and top-p have per-request versions, and only with
-  per_request_processors=True).
-Its paged cache and scheduler also replace what this engine plans and checks itself (one KV
-budget sized at setup, admission, out-of-memory handling), and it switches attention to
-flash-attention kernels where they are installed (auto_switch_to_flash), which the
-official-output tests do not cover.
+The glue and the public API over scheduler.py (who runs), rows.py (which KV row holds what),
+model_runner.py (every tensor) and output.py (text and stop rules); scheduler.py also says why
+this is not transformers' own continuous batching.
 """
 
 from __future__ import annotations
@@ -36,6 +21,7 @@ import torch
 
 from .checkpoint import load_model
 from .devices import resolve_device, resolve_dtype
+from .errors import OutOfMemory, PromptTooLong, RequestTooLarge
 from .kv_rows import KVPlan
 from .model_runner import (DECODE_STEPS, PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner,
                            prefill_bucket)
@@ -58,42 +44,6 @@ __all__ = ["DECODE_STEPS", "DEFAULT_MAX_BATCH", "Engine", "EngineStats", "Genera
 MAX_PREFIX_ROWS = 256
 
 log = logging.getLogger(__name__)
-
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit the context window; carries both counts. `chars` set: the
-    count is a lower bound from the text's length, found without tokenizing it."""
-
-    def __init__(self, prompt_tokens: int, context: int, chars: int | None = None) -> None:
-        self.prompt_tokens, self.context = prompt_tokens, context
-        size = (f"is {prompt_tokens} tokens" if chars is None else
-                f"is {chars} characters, so at least {prompt_tokens} tokens")
-        super().__init__(
-            f"prompt too long: the prompt {size}, but the model's context is "
-            f"{context} tokens and needs room for at least one generated token "
-            f"(shorten the prompt or history by {'at least ' if chars else ''}"
-            f"{prompt_tokens - context + 1} tokens)"
-        )
-
-
-class RequestTooLarge(ValueError):
-    """The request's worst case (prompt + max_tokens) exceeds a KV cache row as planned at
-    setup: it could never run, even alone. Carries both numbers."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, capacity: int) -> None:
-        self.worst_case, self.capacity = prompt_tokens + max_tokens, capacity
-        fix = (f"lower max_tokens to at most {capacity - prompt_tokens}" if prompt_tokens < capacity
-               else f"shorten the prompt to under {capacity} tokens")
-        super().__init__(
-            f"request too large for this server's KV cache: the prompt ({prompt_tokens} tokens) "
-            f"plus max_tokens ({max_tokens}) needs up to {self.worst_case} positions, but a "
-            f"cache row holds {capacity} (sized at setup from the memory there is); {fix}")
-
-
-class OutOfMemory(RuntimeError):
-    """The device ran out of memory during one request's prefill or one decoding step: those
-    requests fail with this, the engine frees what they held and serves on."""
-
 
 
 @dataclass(frozen=True)
@@ -151,6 +101,9 @@ class Engine:
                  max_batch: int = DEFAULT_MAX_BATCH, decode_step: str = "auto",
                  kv_budget_bytes: int | None = None, prefix_cache: bool | None = None,
                  prefill_budget: int = PREFILL_BUDGET) -> None:
+        if not isinstance(prefill_budget, int) or not 1 <= prefill_budget <= PREFILL_CHUNK:
+            raise ValueError(f"prefill_budget: expected an integer from 1 to {PREFILL_CHUNK}, "
+                             f"got {prefill_budget!r}")
         self.model = model
         self.tokenizer = tokenizer
         if prefix_cache is None:
@@ -234,7 +187,7 @@ class Engine:
         return EngineStats(self.max_batch, kv.rows, kv.capacity, kv.growable, self.decode_step,
                            len(self.scheduler.waiting) + self._pending,
                            len(self.scheduler.running),
-                           len(self.rows.prefix._entries) if self.rows.prefix else 0)
+                           len(self.rows.prefix) if self.rows.prefix is not None else 0)
 
     def prefix_cache_entries(self) -> list[tuple[int, int]]:
         """The cached entries as (cache row, positions held), least recently used first.

@@ -74,6 +74,9 @@ class PrefixCache:
     def __contains__(self, row: int) -> bool:
         return row in self._entries
 
+    def __len__(self) -> int:  # Engine.stats(), from any thread: one atomic read
+        return len(self._entries)
+
     def length(self, row: int) -> int:
         return len(self._entries[row].ids)
 

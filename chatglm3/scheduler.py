@@ -12,6 +12,25 @@ Rules:
   not a whole PREFILL_CHUNK (README: "Scheduling" has the measurement). Alone, a prompt runs in
   chunks of `prefill_chunk`.
 - A cancelled request leaves at its next step: waiting, prefilling or running.
+
+Why not transformers' own continuous batching (`model.init_continuous_batching()`, checked in
+transformers 5.24, generation/continuous_batching/): it cannot serve this API's requests.
+- No per-request seed: tokens are drawn with `torch.multinomial` on the process-wide generator
+  (ModelRunner._sample), seeded once per manager (ContinuousBatchingConfig.seed ->
+  DistributedHelper.set_tp_seed -> torch.manual_seed); a request's draws depend on what else
+  runs, so a reported seed would not reproduce its output.
+- Greedy and sampled requests cannot share a batch: `do_sample` is read once from the
+  GenerationConfig (ContinuousBatchProcessor.do_sample) and ModelRunner._sample applies
+  multinomial or argmax to every row.
+- The repetition penalty is dropped: RepetitionPenaltyLogitsProcessor says
+  `supports_continuous_batching = False`, and ContinuousBatchingLogitsProcessorList removes
+  it (drop_unsupported_processors defaults to True); kept, it would be one value for all
+  requests (only temperature, top-k and top-p have per-request versions, and only with
+  per_request_processors=True).
+Its paged cache and scheduler also replace what this engine plans and checks itself (one KV
+budget sized at setup, admission, out-of-memory handling), and it switches attention to
+flash-attention kernels where they are installed (auto_switch_to_flash), which the
+official-output tests do not cover.
 """
 
 from __future__ import annotations
@@ -88,7 +107,7 @@ class Scheduler:
         self.rows = rows
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self.prefill_budget = prefill_budget or prefill_chunk
+        self.prefill_budget = min(prefill_budget or prefill_chunk, prefill_chunk)
         self.waiting: deque[Request] = deque()
         self.prefilling: Request | None = None
 

@@ -20,8 +20,10 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 DECODE_STEPS = ("auto", "eager", "graphs")
 DEFAULT_MAX_BATCH = 8
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
-# Prompt tokens per step while other requests decode (scheduler.py; README "Scheduling").
-PREFILL_BUDGET = PREFILL_CHUNK
+# Prompt tokens per step while other requests decode (scheduler.py; README "Scheduling"): a
+# running stream waits for at most this many prompt tokens between two of its tokens, a quarter
+# of a whole chunk; a PREFILL_BUCKETS length, so no chunk is padded.
+PREFILL_BUDGET = 512
 
 
 def _switch(text: str) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, read_buckets
-from chatglm3.engine import Engine
+from chatglm3.engine import PREFILL_CHUNK, Engine
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
@@ -25,7 +25,10 @@ GREEDY = dict(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def fixed(tiny_model_fp32, tokenizer):
-    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
+    # Whole prefill chunks beside decoding: the 6,118-token prompt then joins the others while
+    # they still decode, so the batches this module checks (3 padded to 4) form.
+    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed",
+                    prefill_budget=PREFILL_CHUNK)
     yield engine
     engine.close()
 
