@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .settings import parse_bytes  # noqa: F401 - where it used to be
-
 # Capacities below the context are multiples of this many positions (and the fixed-shape
 # decoder's smallest read length is as large: see decode_graphs.MIN_READ).
 GRANULARITY = 256

@@ -141,9 +141,7 @@ class ModelRunner:
             r.tensors = _Prefill(r.prompt, self.device, self.model.config)
             row, n = reuse
             if n:
-                for layer, (k, v) in enumerate(zip(self.kv.keys, self.kv.values)):
-                    r.tensors.cache.update(k[row : row + 1, :, :n], v[row : row + 1, :, :n],
-                                           layer)
+                self.kv.load_prefix(row, n, r.tensors.cache)
         t: _Prefill = r.tensors
         logits = self.prefill_chunk(t.prompt_ids[:, chunk.begin : chunk.end], t.cache,
                                     chunk.begin)
