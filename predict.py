@@ -1,23 +1,15 @@
-"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine`.
-
-The work (weights, tokenizer, batching, sampling, stop strings, limits) lives in `chatglm3/`;
-this file maps inputs, streams the engine's text deltas and records metrics.
+"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine` (the work
+lives in `chatglm3/`); it maps inputs, streams the engine's text deltas and records metrics.
 
 `cog build` writes the input schema with a static parser that never imports this file (cog
 0.23.1, pkg/schema/python/): it reads only literals (and module constants bound to one plain
 literal), strings as the raw text between their quotes. So every value below is spelled out,
 although chatglm3.params holds the same ones: tests/test_cog_static.py keeps them equal.
-
-run() is a coroutine that returns a plain generator: more than one prediction at a time needs
-an async run(), but coglet 0.23.1 streams only plain generators (it collects async ones);
-chatglm3.coglet_cancel explains how cancel still reaches the engine.
-
-Environment: COG_WEIGHTS (the checkpoint: a directory, hub repo id "owner/name[@rev]" or .tar
-URL; Cog passes it to setup(weights=...)), the load-time settings in chatglm3/settings.py
-(CHATGLM3_DEVICE, _DTYPE, _DECODE_STEP, _KV_BUDGET, _PREFIX_CACHE, _PREFILL_BUDGET and
-COG_MAX_CONCURRENCY, the batch size) and chatglm3/download.py's (CHATGLM3_REVISION, HF_TOKEN, ...).
+run() is a coroutine returning a plain generator: concurrency needs an async run(), coglet
+0.23.1 streams only plain generators; chatglm3.coglet_cancel says how cancel reaches the engine.
+Environment: COG_WEIGHTS (Cog's setup(weights=...)), the load-time settings of
+chatglm3/settings.py (CHATGLM3_DEVICE, ..., COG_MAX_CONCURRENCY) and chatglm3/download.py's.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +47,7 @@ class Predictor(BaseRunner):
         t1 = time.perf_counter()
         source = weights or None
         print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source)
+        path = resolve_weights(source, knob="COG_WEIGHTS")
         t2 = time.perf_counter()
         self.engine, load_s, warm_s = serving.start(path, settings, device)
         param = next(self.engine.model.parameters())
@@ -99,17 +91,16 @@ class Predictor(BaseRunner):
             default=0.0, ge=-2.0, le=2.0,
             description="Subtracted from a token's score once per time it was already generated; above 0 repeats less, 0 = off."),
     ) -> ConcatenateIterator[str]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                min_tokens=min_tokens, presence_penalty=presence_penalty,
-                                frequency_penalty=frequency_penalty)
         try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                    min_tokens=min_tokens, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty,
+                                    stop=parse_stop_sequences(stop_sequences))
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.
-            params.stop = parse_stop_sequences(stop_sequences)
-            messages = lambda: build_messages(prompt, system_prompt or None, history or None)  # noqa: E731
-            request = await asyncio.to_thread(
-                lambda: self.engine.prepare_messages(messages(), params))
+            request = await asyncio.to_thread(lambda: self.engine.prepare_messages(
+                build_messages(prompt, system_prompt or None, history or None), params))
             gen = self.engine.submit(request)
         except ValueError as e:  # HistoryError, SettingsError, PromptTooLong: say what and why
             raise ValueError(str(e)) from None
@@ -131,20 +122,27 @@ class Predictor(BaseRunner):
                 yield piece
         except (CancelationException, GeneratorExit):
             gen.cancel()  # stops the forward passes before the next step
+            for _ in gen:  # the engine ends the request before its next step: wait for that,
+                pass       # so the metrics below hold the final counts and speed
+            self._record_metrics(gen)
             print(f"cancelled after {len(r.output_ids)} tokens", flush=True)
             raise
         except BaseException:
             gen.cancel()
             raise
+        self._record_metrics(gen)
         if r.stop_reason == "cancelled":  # cancel() reached the engine: the stream just ended
             print(f"cancelled after {r.output_token_count} tokens", flush=True)
             return
-        for name, value in (("cached_input_token_count", r.cached_input_token_count),
-                            ("output_token_count", r.output_token_count),
-                            ("time_to_first_token", round(r.time_to_first_token, 4)),
-                            ("tokens_per_second", round(r.tokens_per_second, 2))):
-            self.record_metric(name, value)
         print(f"stop_reason={r.stop_reason} input_tokens={r.input_token_count} "
               f"cached_input_tokens={r.cached_input_token_count} "
               f"output_tokens={r.output_token_count} max_tokens={r.max_tokens} seed={r.seed}",
               flush=True)
+
+    def _record_metrics(self, gen: Generation) -> None:
+        """Every metric, also for a cancelled prediction (its counts so far)."""
+        r = gen.result
+        self.record_metric("cached_input_token_count", r.cached_input_token_count)
+        self.record_metric("output_token_count", len(r.output_ids))
+        self.record_metric("time_to_first_token", round(r.time_to_first_token, 4))
+        self.record_metric("tokens_per_second", round(r.tokens_per_second, 2))

@@ -57,11 +57,22 @@ def problems(d: Path, sizes: dict[str, int] | None = None) -> dict[str, str]:
                               if not (d / s).is_file()}}
         if (d / single).is_file():
             return out
-    return {**out, "": "no weights (no model.safetensors[.index.json] nor pytorch_model.bin[.index.json])"}
+    return {**out, "": "no weight files (no model.safetensors[.index.json] nor "
+                       "pytorch_model.bin[.index.json])"}
 
 
 def describe(d: Path, found: dict[str, str]) -> str:
-    """One line: the first of `found` (from problems()), and the names of a few more."""
-    (name, why), *rest = found.items()
-    more = f" (and {len(rest)} more: {', '.join(n or '.' for n, _ in rest[:3])})" if rest else ""
-    return f"{d / name if name else d}: {why}{more}"
+    """One line naming every problem of `found` (from problems()) in words: the folder, then
+    what is wrong with each file ("config.json: missing; no weight files (...)"), the first six
+    and how many more."""
+    if set(found) == {""}:
+        return f"{d}: {found['']}"
+    if not d.is_dir() or not any(d.iterdir()):
+        return f"{d}: {'empty folder' if d.is_dir() else found.get('', 'not a directory')}: " \
+               "no config.json, no tokenizer.model, no weight files"
+    if len(found) == 1:
+        ((name, why),) = found.items()
+        return f"{d / name}: {why}"
+    items = [why if not name else f"{name}: {why}" for name, why in found.items()]
+    more = f"; and {len(items) - 6} more" if len(items) > 6 else ""
+    return f"{d}: {'; '.join(items[:6])}{more}"

@@ -83,8 +83,9 @@ def _input_parser() -> OneLineParser:
     return parser
 
 
-def _sampling_parser() -> OneLineParser:
-    """Every default and range here comes from params.py, which SamplingParams.validate checks."""
+def _sampling_parser(reports_seed: str) -> OneLineParser:
+    """Every default and range here comes from params.py, which SamplingParams.validate checks.
+    `reports_seed`: where the command shows a random seed it drew."""
     parser = OneLineParser(add_help=False)
     parser.add_argument(
         "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -107,7 +108,7 @@ def _sampling_parser() -> OneLineParser:
              f"{MAX_REPETITION_PENALTY:g} (1 = off; default {_DEFAULTS.repetition_penalty:g})")
     parser.add_argument(
         "--seed", type=int, default=_DEFAULTS.seed, metavar="S",
-        help=f"random seed, 0-{MAX_SEED} (default: a random one, which --json reports)")
+        help=f"random seed, 0-{MAX_SEED} (default: a random one, {reports_seed})")
     # One value per flag: with nargs="+" a prompt after `--stop X` became a second stop string.
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT",
@@ -133,7 +134,6 @@ def build_parser() -> OneLineParser:
     model = _weights_parser("checkpoint directory")
     runtime = _runtime_parser()
     request = _input_parser()
-    sampling = _sampling_parser()
 
     parser = OneLineParser(
         prog="python -m chatglm3",
@@ -143,7 +143,7 @@ def build_parser() -> OneLineParser:
                "defaults and ranges.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    chat = sub.add_parser("chat", parents=[model, runtime, sampling],
+    chat = sub.add_parser("chat", parents=[model, runtime, _sampling_parser("which --stats shows")],
                           help="interactive chat (type 'clear' to start over, 'stop' to quit)",
                           description="Interactive chat: type a message, get the answer "
                                       "streamed; 'clear' starts over, 'stop' (or Ctrl-D) quits, "
@@ -153,7 +153,8 @@ def build_parser() -> OneLineParser:
     chat.add_argument("--stats", action="store_true",
                       help="print token counts and speed after each answer")
 
-    gen = sub.add_parser("generate", parents=[model, runtime, request, sampling],
+    gen = sub.add_parser("generate", parents=[model, runtime, request,
+                                              _sampling_parser("which --json reports")],
                          help="answer one prompt",
                          description="Answer one prompt, streamed to stdout (Ctrl-C stops it "
                                      "with exit code 130).")
@@ -196,12 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the input's fault: shown as one line, never as a traceback."""
-    from .checkpoint import CheckpointError
-    from .devices import DeviceError
-    from .download import WeightsError
-
-    return (ValueError, OSError, WeightsError, CheckpointError, DeviceError)
+    """Errors that are the input's fault: shown as one line, never as a traceback. Only from
+    modules already imported (one that is not cannot have raised): importing checkpoint here
+    would load torch and transformers (~5 s) to report a bad argument."""
+    defined_in = {"chatglm3.checkpoint": "CheckpointError", "chatglm3.devices": "DeviceError",
+                  "chatglm3.checkpoint_files": "WeightsError"}
+    found = [getattr(sys.modules[m], name) for m, name in defined_in.items() if m in sys.modules]
+    return (ValueError, OSError, *found)
 
 
 def say(text: str) -> None:
@@ -213,7 +215,15 @@ def read_prompt(args: argparse.Namespace) -> str:
     """The prompt from --prompt TEXT, --prompt - (standard input) or --prompt-file PATH.
     From stdin or a file, one final line ending is dropped (editors and `echo` add one)."""
     if args.prompt_file is not None:
-        where, data = f"--prompt-file {args.prompt_file}", Path(args.prompt_file).read_bytes()
+        where, path = f"--prompt-file {args.prompt_file}", Path(args.prompt_file)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            why = ("no such file" if isinstance(e, FileNotFoundError) else
+                   "a directory, not a file" if isinstance(e, IsADirectoryError) else
+                   "permission denied" if isinstance(e, PermissionError) else
+                   e.strerror or str(e))
+            raise ValueError(f"{where}: {why} ({path.absolute()})") from None
     elif args.prompt == "-":
         if sys.stdin.isatty():
             say("reading the prompt from standard input (end it with Ctrl-D)")
@@ -236,22 +246,11 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def tokenizer_dir(weights: str | None) -> Path:
-    """Where tokenizer.model is: a local directory that has one is used as it is (encode needs
-    nothing else, so no whole checkpoint is verified or fetched); anything else goes through
-    resolve_weights."""
-    if weights:
-        local = Path(weights).expanduser()
-        if (local / "tokenizer.model").is_file():
-            return local
-    from .download import resolve_weights
-
-    return resolve_weights(weights)
-
-
 def cmd_encode(args: argparse.Namespace) -> int:
     messages = build_messages(read_prompt(args), args.system, args.history)
-    tokenizer = ChatGLMTokenizer.from_dir(tokenizer_dir(args.weights))
+    from .download import resolve_tokenizer  # only the tokenizer's files, never 12.5 GB
+
+    tokenizer = ChatGLMTokenizer.from_dir(resolve_tokenizer(args.weights))
     print(json.dumps(tokenizer.build_chat_input(messages)))
     return 0
 
@@ -313,7 +312,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         stop=args.stop, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
     )
-    params.validate()  # before the model loads: a typo should not cost a 12 GB load
+    # (built, it is validated: before the model loads, so a typo costs no 12 GB load)
     return params
 
 
@@ -401,15 +400,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 answer += delta
                 print(delta, end="", flush=True)
         except KeyboardInterrupt:
-            rest = finish_cancelled(gen)
-            answer += rest
-            print(rest + " [interrupted]", end="")
+            # The text streamed between the Ctrl-C and the engine's stop is dropped, not
+            # printed: the answer ends where the user stopped it, and the history keeps exactly
+            # what was shown (the next turn answers to what the user read; 'clear' forgets it).
+            finish_cancelled(gen)
+            print(" [interrupted]", end="")
         print(flush=True)
         if args.stats:
             r = gen.result
             print(f"({r.input_token_count} prompt tokens, {r.output_token_count} generated, "
-                  f"{r.tokens_per_second:.1f} tokens/s, stop: {r.stop_reason or 'cancelled'})",
-                  flush=True)
+                  f"{r.tokens_per_second:.1f} tokens/s, stop: {r.stop_reason or 'cancelled'}, "
+                  f"seed {r.seed})", flush=True)
         # as the official chat(), history keeps the answer stripped
         history += [Message("user", query), Message("assistant", answer.strip())]
 

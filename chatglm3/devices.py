@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -56,17 +57,39 @@ def driver_version() -> str | None:
     return None
 
 
+DEV = Path("/dev")  # where the NVIDIA driver's device nodes appear (a parameter for tests)
+
+
+def gpu_nodes() -> list[str]:
+    return sorted(p.name for p in DEV.glob("nvidia[0-9]*"))
+
+
 def visible_gpus() -> str:
-    devices = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
+    devices = gpu_nodes()
     return ", ".join(devices) if devices else "none (no /dev/nvidia*)"
 
 
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA GPU is there (a device node or a loaded driver), whether torch can use it or not."""
+    return bool(gpu_nodes()) or driver_version() is not None
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """auto: a usable CUDA GPU, else the CPU. cuda: a usable GPU or a DeviceError saying why."""
+    """auto: a usable CUDA GPU, else the CPU; when an NVIDIA GPU is present but unusable, a
+    warning on stderr says why before running on the CPU. cuda: a usable GPU or a DeviceError
+    saying why."""
     if device not in DEVICES:
         raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if nvidia_gpu_present():
+            # A 6B model on the CPU is ~100x slower: that must not pass unnoticed.
+            print(f"WARNING: an NVIDIA GPU is present but torch cannot use it, so this runs on "
+                  f"the CPU (slowly): {cuda_problem()}. Fix: a torch build for this driver "
+                  "(scripts/venv chooses one; CHATGLM3_TORCH=cu128 forces one), or --device cpu "
+                  "(CHATGLM3_DEVICE=cpu for the server) to choose the CPU without this warning", file=sys.stderr, flush=True)
+        return torch.device("cpu")
     if device == "cuda":
         problem = cuda_problem()
         if problem:

@@ -33,8 +33,8 @@ from .checkpoint_files import WeightsError, describe, problems, verify_checkpoin
 from .tar_download import fetch_and_extract
 from .transfer import Progress, Stopped, read_timeout, say, size_text
 
-__all__ = ["DEFAULT_DIR", "DEFAULT_REPO", "DEFAULT_REVISION", "WeightsError", "resolve_weights",
-           "verify_checkpoint_files"]
+__all__ = ["DEFAULT_DIR", "DEFAULT_REPO", "DEFAULT_REVISION", "WeightsError", "resolve_tokenizer",
+           "resolve_weights", "verify_checkpoint_files"]
 
 DEFAULT_REPO = "zai-org/chatglm3-6b-32k"
 DEFAULT_REVISION = "e210410255278dd9d74463cf396ba559c0ef801c"  # env CHATGLM3_REVISION overrides
@@ -45,23 +45,55 @@ ALLOW_PATTERNS = ["config.json", "tokenizer.model", "tokenizer_config.json",
 _MARK = ".chatglm3-source"  # in dest, once complete: its source (+ the hub's file sizes)
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
-# Appended to a failure, on the same line (the CLI prints errors as one line).
-_NEXT_STEPS = ("next: --weights PATH (or COG_WEIGHTS) for a complete local checkpoint or a .tar URL, "
-               "HF_ENDPOINT for a reachable hub mirror, or HF_HUB_OFFLINE=1 to use a complete copy "
-               "already in the weights folder")
+
+
+def _err(message: str, kind: str) -> WeightsError:
+    """A WeightsError tagged with what kind of failure it is, for _next_steps."""
+    e = WeightsError(message)
+    e.kind = kind  # type: ignore[attr-defined]
+    return e
+
+
+def _next_steps(kind: str, knob: str, dest: Path, where: Path | None) -> str:
+    """Only the next steps that apply to this failure, naming the program's own knob for the
+    checkpoint (`--weights` for the CLI, `COG_WEIGHTS` for the Cog server). Appended on the same
+    line (the CLI prints errors as one line)."""
+    pick = f"{knob} PATH" if knob.startswith("-") else f"{knob}=PATH"
+    local = f"{pick} for a complete local checkpoint folder or a .tar/.tar.gz URL"
+    if kind == "local":
+        return (f"next: fetch it into that folder with `python -m chatglm3 download --dir {where}`, "
+                f"or {local}")
+    if kind == "offline":
+        return f"next: unset HF_HUB_OFFLINE to fetch it into {dest}, or {local}"
+    if kind == "source":
+        return (f"next: {pick} with an existing checkpoint folder, a hub repo id "
+                "(owner/name[@revision]; HF_TOKEN for a private or gated one) or a .tar URL")
+    if kind == "tar":
+        return f"next: check the archive URL and run again (a download resumes), or {local}"
+    steps = [local, "HF_ENDPOINT for a reachable hub mirror"]
+    if not problems(dest) and not constants.is_offline_mode():
+        steps.append(f"HF_HUB_OFFLINE=1 to use the complete copy already in {dest}")
+    return "next: run again (what was fetched is kept), or " + ", or ".join(steps)
 
 
 def resolve_weights(source: str | os.PathLike | None = None, *, dest: Path | None = None,
-                    revision: str | None = None, progress: bool = True) -> Path:
+                    revision: str | None = None, progress: bool = True,
+                    knob: str = "--weights") -> Path:
     """A local directory holding a checked checkpoint, fetched from `source` if needed.
 
     `source`: None/"" (the default hub repo), an existing directory (checked, used in place),
     "owner/name[@revision]" (hub), or an http(s) URL / local path of a .tar/.tar.gz/.tgz.
     Downloads go into `dest` (default: env CHATGLM3_WEIGHTS_DIR, else DEFAULT_DIR). `progress`:
     say what is fetched and show how far (a bar on a terminal, else log lines); False: silent.
+    The download folder itself given as `source` (COG_WEIGHTS=weights) means the default: it is
+    fetched into when incomplete, as when nothing is given. `knob`: how the calling program takes
+    a checkpoint (--weights, COG_WEIGHTS), named in the next steps of a failure.
     """
     dest = Path(dest or os.environ.get("CHATGLM3_WEIGHTS_DIR") or DEFAULT_DIR).expanduser()
     text = os.fspath(source) if source is not None else ""
+    local = Path(text).expanduser() if text else None
+    if local is not None and local.is_dir() and local.resolve() == dest.resolve() and problems(local):
+        text = ""
     try:
         if not text:
             rev = revision or os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION
@@ -69,46 +101,105 @@ def resolve_weights(source: str | os.PathLike | None = None, *, dest: Path | Non
         if m := re.match(r"(https?):/+", text):  # cog.Path / pathlib turn "https://" into "https:/"
             return _from_tar(m.group(1) + "://" + text[m.end():], dest, progress)
         if (local := Path(text).expanduser()).is_dir():
-            verify_checkpoint_files(local)
+            if found := problems(local):
+                raise _err(describe(local, found), "local")
             return local.resolve()
         if local.is_file():
             if _TAR_NAME.search(local.name):
                 return _from_tar(str(local.resolve()), dest, progress)
-            raise WeightsError(f"{text}: a file, but neither a checkpoint directory nor a .tar archive")
+            raise _err(f"{text}: a file, but neither a checkpoint directory nor a .tar archive",
+                       "source")
         return _from_repo_id(text, revision, dest, progress)
     except WeightsError as e:
-        raise WeightsError(f"{e}; {_NEXT_STEPS}") from e.__cause__
+        steps = _next_steps(getattr(e, "kind", "network"), knob, dest, local)
+        raise WeightsError(f"{e}; {steps}") from e.__cause__
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+def resolve_tokenizer(source: str | os.PathLike | None = None, *, dest: Path | None = None,
+                      revision: str | None = None, progress: bool = True,
+                      knob: str = "--weights") -> Path:
+    """A directory holding tokenizer.model, for what needs only the tokenizer (encode).
+
+    A local folder that has one is used as it is. The default repo (nothing given, or the
+    download folder) and a hub repo id get only the tokenizer's files fetched into `dest`
+    (1 MB, where the whole checkpoint is 12.5 GB). Anything else (a tar URL, a folder without
+    a tokenizer) is resolve_weights(source)'s.
+    """
+    dest = Path(dest or os.environ.get("CHATGLM3_WEIGHTS_DIR") or DEFAULT_DIR).expanduser()
+    text = os.fspath(source) if source is not None else ""
+    local = Path(text).expanduser() if text else None
+    if local is not None and (local / "tokenizer.model").is_file():
+        return local
+    if local is None or (local.is_dir() and local.resolve() == dest.resolve()):
+        if (dest / "tokenizer.model").is_file():
+            return dest
+        repo = DEFAULT_REPO
+        rev = revision or os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION
+    elif not local.exists() and not _looks_like_path(text) and _REPO_ID.fullmatch(text.partition("@")[0]):
+        repo, _, at_rev = text.partition("@")
+        rev = at_rev or revision or ((os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION)
+                                     if repo == DEFAULT_REPO else "main")
+    else:
+        return resolve_weights(source, dest=dest, revision=revision, progress=progress, knob=knob)
+    what = f"{repo}@{rev}"
+    try:
+        if constants.is_offline_mode():
+            raise _err(f"{what}: offline (HF_HUB_OFFLINE is set) and no tokenizer.model in {dest}",
+                       "offline")
+        say(progress, f"Fetching the tokenizer of {what} from {constants.ENDPOINT} into {dest}")
+        for name in TOKENIZER_FILES:
+            try:
+                transfer.retrying(partial(hf_hub_download, repo, name, revision=rev, local_dir=dest,
+                                          library_name="chatglm3", etag_timeout=read_timeout()),
+                                  _is_5xx)
+            except Exception as e:  # noqa: BLE001 - as in _fetch_file
+                if name != "tokenizer.model" and isinstance(e, HfHubHTTPError) and \
+                        e.response is not None and e.response.status_code == 404:
+                    continue  # the config is optional: the tokenizer needs only its model
+                raise _failure(e, what, f"{name} from {constants.ENDPOINT}") from e
+    except WeightsError as e:
+        steps = _next_steps(getattr(e, "kind", "network"), knob, dest, local)
+        raise WeightsError(f"{e}; {steps}") from e.__cause__
+    return dest
+
+
+def _looks_like_path(text: str) -> bool:
+    """Never a hub repo id: starts with "/", "~" or "." (absolute, home, ./ ../, hidden), holds
+    a backslash, a second or a trailing "/" before any "@", ends in .tar/.tar.gz/.tgz, or its
+    first component exists here ("weights/x" when ./weights does)."""
+    repo = text.partition("@")[0]
+    return (text.startswith(("/", "~", ".")) or "\\" in text or repo.count("/") > 1
+            or repo.endswith("/") or bool(_TAR_NAME.search(repo))
+            or os.path.lexists(repo.split("/")[0]))
 
 
 def _from_repo_id(text: str, revision: str | None, dest: Path, progress: bool) -> Path:
-    """`text` (no file or folder here) as "owner/name[@revision]", unless it can only be a path.
-
-    A path starts with "/", "~" or "." (absolute, home, ./ ../, hidden), holds a backslash, a
-    second or a trailing "/" before any "@", ends in .tar/.tar.gz/.tgz, or its first component
-    exists here ("weights/x" when ./weights does): it is never looked up on the hub.
-    """
+    """`text` (no file or folder here) as "owner/name[@revision]", unless it can only be a path
+    (_looks_like_path): that is never looked up on the hub."""
     repo, _, at_rev = text.partition("@")
-    if (text.startswith(("/", "~", ".")) or "\\" in text or repo.count("/") > 1 or repo.endswith("/")
-            or _TAR_NAME.search(repo) or os.path.lexists(repo.split("/")[0])):
+    if _looks_like_path(text):
         path = Path(text).expanduser()
         near = next((p for p in path.parents if p.exists()), None)  # how far the path does exist
         if near is None or near.parent == near:  # nothing, or only "." or "/"
-            raise WeightsError(f"{text}: no such directory")
-        raise WeightsError(f"{text}: no such directory ({near} exists, but has no "
-                           f"{path.relative_to(near).parts[0]})")
+            raise _err(f"{text}: no such directory", "source")
+        raise _err(f"{text}: no such directory ({near} exists, but has no "
+                   f"{path.relative_to(near).parts[0]})", "source")
     if not _REPO_ID.fullmatch(repo):
-        raise WeightsError(f"{text}: no such directory, and not a hub repo id (owner/name[@revision]) "
-                           "nor a .tar/.tar.gz/.tgz URL or file")
+        raise _err(f"{text}: no such directory, and not a hub repo id (owner/name[@revision]) "
+                   "nor a .tar/.tar.gz/.tgz URL or file", "source")
     if at_rev and revision and at_rev != revision:
-        raise WeightsError(f"{text}: revision given twice ({at_rev!r} and {revision!r})")
+        raise _err(f"{text}: revision given twice ({at_rev!r} and {revision!r})", "source")
     default_rev = (os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION) if repo == DEFAULT_REPO else "main"
     try:
         return _from_hub(repo, at_rev or revision or default_rev, dest, progress, trust_local=False,
                          note=f"{text}: not a local directory; ")
     except WeightsError as e:
         if isinstance(e.__cause__, RepositoryNotFoundError) and not isinstance(e.__cause__, GatedRepoError):
-            raise WeightsError(f"{text}: not a local directory, and hub repo {repo} was not found "
-                               f"({e})") from e.__cause__
+            raise _err(f"{text}: not a local directory, and hub repo {repo} was not found "
+                       f"({e})", "source") from e.__cause__
         raise
 
 
@@ -130,9 +221,12 @@ def _from_tar(url: str, dest: Path, progress: bool) -> Path:
         return dest.resolve()
     dest.mkdir(parents=True, exist_ok=True)
     (dest / _MARK).unlink(missing_ok=True)
-    fetch_and_extract(url, dest, progress)
+    try:
+        fetch_and_extract(url, dest, progress)
+    except WeightsError as e:
+        raise _err(str(e), "tar") from e.__cause__
     if found := problems(dest):
-        raise WeightsError(f"{url}: the archive holds no complete checkpoint: {describe(dest, found)}")
+        raise _err(f"{url}: the archive holds no complete checkpoint: {describe(dest, found)}", "tar")
     (dest / _MARK).write_text(json.dumps({"source": url, "sizes": None}))
     return dest.resolve()
 
@@ -152,8 +246,8 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
     if constants.is_offline_mode():  # a complete dest is the best there is
         if not (found := problems(dest, sizes if source.startswith(repo + "@") else None)):
             return dest.resolve()
-        raise WeightsError(f"{what}: offline (HF_HUB_OFFLINE is set) and no complete local copy: "
-                           f"{describe(dest, found)}")
+        raise _err(f"{what}: offline (HF_HUB_OFFLINE is set) and no complete local copy: "
+                   f"{describe(dest, found)}", "offline")
     say(progress, f"{note}looking up {what} on the hub at {constants.ENDPOINT}")
     try:  # hub lacks: model_info is never retried
         info = transfer.retrying(partial(HfApi(library_name="chatglm3").model_info, repo, revision=revision,
@@ -167,8 +261,8 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
     sizes = {n: sizes[n] for n in sorted(names)}
     if not {"config.json", "tokenizer.model"} <= sizes.keys() or not any(
             n.endswith((".bin", ".safetensors")) for n in sizes):
-        raise WeightsError(f"{what}: not a ChatGLM3 checkpoint repo (has {sorted(sizes) or 'none'} "
-                           "of config.json, tokenizer.model and weight files)")
+        raise _err(f"{what}: not a ChatGLM3 checkpoint repo (has {sorted(sizes) or 'none'} "
+                   "of config.json, tokenizer.model and weight files)", "source")
     dest.mkdir(parents=True, exist_ok=True)
     _drop_dead_partials(dest)
     for name, size in sizes.items():  # hub lacks: a file it wrote for this commit is not checked again
@@ -215,11 +309,11 @@ def _failure(e: BaseException, what: str, where: str) -> WeightsError:
     """A failed hub call as one line: `what` (repo@revision), `where` (a file, the hub), why."""
     hub = constants.ENDPOINT
     if isinstance(e, RevisionNotFoundError):
-        return WeightsError(f"{what}: revision not found on {hub}")
+        return _err(f"{what}: revision not found on {hub}", "source")
     if isinstance(e, GatedRepoError):
-        return WeightsError(f"{what}: gated repo on {hub}; accept its terms there and set HF_TOKEN")
+        return _err(f"{what}: gated repo on {hub}; accept its terms there and set HF_TOKEN", "source")
     if isinstance(e, RepositoryNotFoundError):
-        return WeightsError(f"{what}: repository not found on {hub} (private or gated: set HF_TOKEN)")
+        return _err(f"{what}: repository not found on {hub} (private or gated: set HF_TOKEN)", "source")
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         code = e.response.status_code
         return WeightsError(f"{what}: HTTP {code} from {e.response.url}" + (

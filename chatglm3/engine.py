@@ -138,11 +138,19 @@ class Engine:
         self._closed = False
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
+    def from_pretrained(cls, model_dir: str | Path | None = None, device: str | torch.device = "auto",
                         dtype: str | torch.dtype = "auto", progress: bool = False,
                         **kwargs) -> "Engine":
-        """Loads a checkpoint directory; `progress`: per-shard progress on stderr."""
+        """Loads a checkpoint; `progress`: download and per-shard progress on stderr.
+
+        `model_dir` takes what the CLI's --weights takes: a checkpoint folder (relative to the
+        current directory), None for the official 32k weights (fetched into the repository's
+        weights/ if not there yet), a hub repo id "owner/name[@revision]", or the https URL of
+        a .tar/.tar.gz. The device is checked before anything is fetched."""
+        from .download import resolve_weights
+
         dev = device if isinstance(device, torch.device) else resolve_device(device)
+        model_dir = resolve_weights(model_dir, progress=progress)
         model = load_model(model_dir, dev, resolve_dtype(dtype, dev), progress=progress)
         return cls(model, ChatGLMTokenizer.from_dir(model_dir), **kwargs)
 

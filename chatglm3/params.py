@@ -51,17 +51,32 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.validate()  # bad values fail when built, not at the first step
+
     def validate(self) -> None:
-        """Checks every setting against its limit, naming the field; integral floats (4.0,
-        as JSON clients send them) become the integers they are."""
+        """Checks every setting against its limit and raises one SettingsError naming each bad
+        field. Numbers are taken as JSON clients send them: integral floats (4.0) become the
+        integers they are, and integers (2) the floats they stand for (transformers' repetition
+        penalty refuses an int). Call it again after changing a field (predict.py sets stop)."""
+        errors = [e for e in (self._number_errors() + self._stop_errors()) if e]
+        if errors:
+            raise SettingsError("; ".join(errors))
+
+    def _number_errors(self) -> list[str]:
+        errors: list[str] = []
 
         def bad(name: str, limit: str) -> None:
-            raise SettingsError(f"{name}: must be {limit}, got {getattr(self, name)!r}")
+            errors.append(f"{name}: must be {limit}, got {getattr(self, name)!r}")
 
-        for name in ("max_tokens", "top_k", "seed", "min_tokens"):
+        for name in _INTEGER_FIELDS:
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(self, name, int(value))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if _integer(value):
+                setattr(self, name, float(value))
         if not _integer(self.max_tokens) or not 1 <= self.max_tokens <= CONTEXT:
             bad("max_tokens", f"an integer from 1 to {CONTEXT} (it is cut to the room the "
                               "prompt leaves in the context)")
@@ -84,27 +99,38 @@ class SamplingParams:
             value = getattr(self, name)
             if not _finite(value) or not MIN_PENALTY <= value <= MAX_PENALTY:
                 bad(name, f"from {MIN_PENALTY:g} to {MAX_PENALTY:g} (0 = off)")
-        self._validate_stop()
+        return errors
 
-    def _validate_stop(self) -> None:
+    def _stop_errors(self) -> list[str]:
         from .messages import check_text  # messages imports the tokenizer; only needed here
 
-        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
-            raise SettingsError("stop_sequences: must be a list of strings")
+        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) or not all(
+                isinstance(s, str) for s in self.stop):
+            return ["stop_sequences: must be a list of strings"]
         stops = [s for s in self.stop if s]
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise SettingsError(f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop strings, "
-                                f"got {len(stops)}")
+            return [f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop strings, got {len(stops)}"]
+        errors = []
         for i, s in enumerate(stops):
             if len(s) > MAX_STOP_LENGTH:
-                raise SettingsError(f"stop_sequences[{i}]: at most {MAX_STOP_LENGTH} characters, "
-                                    f"got {len(s)}")
-            check_text(f"stop_sequences[{i}]", s)
+                errors.append(f"stop_sequences[{i}]: at most {MAX_STOP_LENGTH} characters, "
+                              f"got {len(s)}")
+                continue
+            try:
+                check_text(f"stop_sequences[{i}]", s)
+            except ValueError as e:
+                errors.append(str(e))
+        return errors
 
     @property
     def greedy(self) -> bool:
         """Always the most likely token: temperature (nearly) 0, or top_p 0."""
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_p == 0
+
+
+_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "min_tokens")
+_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
 
 
 def _finite(x: object) -> bool:

@@ -26,7 +26,11 @@ def start(path: str | Path, settings: Settings, device: torch.device,
     engine = Engine.from_pretrained(path, **dict(settings.engine_kwargs(), device=device))
     plan, batch = engine.kv_plan, settings.max_batch
     say(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}")
-    say(f"prefix cache: {'on' if engine.prefix_cache else 'off'} (CHATGLM3_PREFIX_CACHE)")
+    on = engine.prefix_cache
+    why = (f"CHATGLM3_PREFIX_CACHE={int(on)}" if settings.prefix_cache is not None else
+           f"the default on a {'GPU' if device.type == 'cuda' else 'CPU'}; "
+           f"CHATGLM3_PREFIX_CACHE={'0' if on else '1'} turns it {'off' if on else 'on'}")
+    say(f"prefix cache: {'on' if on else 'off'} ({why})")
     if plan is not None and plan.rows < batch:
         say(f"KV cache holds {plan.rows} requests at a time; the other predictions of the "
             f"{batch} allowed wait for a row, in order")

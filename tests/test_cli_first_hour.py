@@ -21,7 +21,7 @@ import pytest
 
 from chatglm3 import params
 from chatglm3.messages import build_messages
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.tokenizer import ChatGLMTokenizer, Message
 from conftest import ROOT, TINY_CKPT, TOKENIZER_MODEL
 from test_cli import TINY
 
@@ -97,6 +97,20 @@ def test_chat_help_has_sampling_but_no_prompt() -> None:
     h = option_help("chat")
     assert "--temperature" in h and "--stats" in h and "--device" in h
     assert "--prompt" not in h and "--history" not in h
+    # no option of another command is mentioned (chat has no --json; --stats shows the seed)
+    assert not any("--json" in text for text in h.values()), h
+    assert "--stats" in h["--seed"]
+
+
+def test_readme_chat_synopsis_lists_every_chat_option() -> None:
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme.split("python -m chatglm3 chat ", 1)[1].split("python -m chatglm3 generate", 1)[0]
+    from chatglm3.settings import OPTIONS
+
+    # the model options (settings.py's), listed once for chat and generate below the synopses
+    model = {"--weights", "--help"} | {opt.flag for opt in OPTIONS}
+    missing = [o for o in option_help("chat") if o not in model and o not in synopsis]
+    assert not missing, missing
 
 
 def test_cli_choices_match_the_library() -> None:
@@ -159,6 +173,52 @@ def test_prompt_file_not_utf8_one_line_error(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [
         f"error: --prompt-file {f}: not UTF-8 text (invalid continuation byte at byte 3)"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_prompt_file_that_is_no_file_names_the_option(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "nope.txt" if kind == "missing" else tmp_path
+    out = cli("generate", *TINY, "--prompt-file", str(target))
+    assert out.returncode == 1
+    why = "no such file" if kind == "missing" else "a directory, not a file"
+    assert out.stderr.strip().splitlines() == [f"error: --prompt-file {target}: {why} ({target})"]
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--max-tokens", "-5"], "max_tokens: must be an integer from 1 to 32768"),
+    (["--temperature", "9"], "temperature: must be from 0 to 5"),
+    (["--repetition-penalty", "0"], "repetition_penalty: must be from 0.01 to 10"),
+])
+def test_range_errors_come_before_torch_is_imported(args: list[str], named: str) -> None:
+    """Checked before the model's libraries load (they take ~5 s to import): the error comes
+    from a process that never imported torch or transformers."""
+    code = ("import sys; from chatglm3.cli import main; "
+            f"rc = main({['generate', '--prompt', 'hi', *args]!r}); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.split() == ["1", "False", "False"], out.stderr
+    assert out.stderr.startswith("error: ") and named in out.stderr
+
+
+def test_encode_without_weights_fetches_only_the_tokenizer(tmp_path: Path, reference: dict) -> None:
+    from fakehub import FakeHub
+
+    from chatglm3.download import DEFAULT_REPO, DEFAULT_REVISION
+
+    case = reference["chat_inputs"][0]
+    with FakeHub() as hub:
+        hub.add_repo(DEFAULT_REPO, {p.name: p for p in TINY_CKPT.iterdir()}, commit=DEFAULT_REVISION)
+        env = {**ENV, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+               "CHATGLM3_WEIGHTS_DIR": str(tmp_path / "w")}
+        out = subprocess.run([sys.executable, "-m", "chatglm3", "encode", "--prompt", case["query"],
+                              "--history", json.dumps(case["history"])], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == case["input_ids"]
+        assert not hub.seen(match=".bin"), [r.path for r in hub.requests]
+        assert sorted(p.name for p in (tmp_path / "w").iterdir() if not p.name.startswith(".")) == \
+            ["tokenizer.model", "tokenizer_config.json"]
 
 
 def test_encode_needs_only_the_tokenizer(tmp_path: Path, reference: dict) -> None:
@@ -283,12 +343,16 @@ def _interrupt_generate_json(proc: subprocess.Popen) -> None:
     assert record["text"] and record["seed"] == 14
 
 
-def test_ctrl_c_in_chat_cancels_the_answer_and_goes_on() -> None:
+def test_ctrl_c_in_chat_cancels_the_answer_and_goes_on(tokenizer) -> None:
     with started("chat", *TINY, *LONG[2:], "--stats", stdin=True) as proc:
-        _interrupt_chat(proc)
+        _interrupt_chat(proc, tokenizer)
 
 
-def _interrupt_chat(proc: subprocess.Popen) -> None:
+STATS = re.compile(r"\((\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, stop: (\w+), "
+                   r"seed (\d+)\)")
+
+
+def _interrupt_chat(proc: subprocess.Popen, tokenizer: ChatGLMTokenizer) -> None:
     proc.stdin.write(b"Tell me a very long story.\n")
     proc.stdin.flush()
     seen = b""
@@ -299,14 +363,19 @@ def _interrupt_chat(proc: subprocess.Popen) -> None:
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     # Ctrl-C cut the answer, not the session: it still reads the next line.
-    rest, err = proc.communicate(b"stop\n", timeout=60)
+    rest, err = proc.communicate("你好\nstop\n".encode(), timeout=60)
     out = (seen + rest).decode()
     assert proc.returncode == 0, err
-    assert "[interrupted]" in out
-    m = re.search(r"\((\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, stop: (\w+)\)", out)
-    assert m, out
-    assert m[3] == "cancelled" and 0 < int(m[2]) < LONG_RUN_TOKENS
     assert "Traceback" not in err.decode()
+    shown = out.split("ChatGLM: ", 1)[1].split(" [interrupted]", 1)[0]
+    first, second = STATS.findall(out)
+    assert first[2] == "cancelled" and 0 < int(first[1]) < LONG_RUN_TOKENS
+    assert int(first[3]) == 14  # the seed given
+    # The next turn's prompt holds exactly the answer as it was shown: nothing after the
+    # Ctrl-C was printed or kept.
+    history = [Message("user", "Tell me a very long story."), Message("assistant", shown.strip()),
+               Message("user", "你好")]
+    assert int(second[0]) == len(tokenizer.build_chat_input(history))
 
 
 # ---- scripts/run and paths ----

@@ -323,6 +323,10 @@ def test_cancel_ends_a_long_prediction_promptly(server: Server, nihao) -> None:
     assert t_done - t_cancel < 2.0
     assert "cancelled after" in final["logs"]  # the predictor saw it and stopped the engine
     assert len(final["output"]) < 1000  # stopped within a few steps, far from its 30000
+    m = final["metrics"]  # every metric, with the counts at the cancel
+    assert m["input_token_count"] > 0 and m["cached_input_token_count"] == 0
+    assert len(final["output"]) <= m["output_token_count"] < 1000
+    assert 0 < m["time_to_first_token"] and m["tokens_per_second"] > 0
     assert _call("POST", f"{server.base}/predictions/{pid}/cancel")[0] == 404  # gone
     inputs, expected = nihao
     assert server.text(**inputs) == expected  # the next one is served, and right
@@ -425,6 +429,28 @@ def test_integral_floats_count_as_integers(server: Server, nihao) -> None:
     assert "".join(body["output"]) == expected and "seed=7\n" in body["logs"]
     sampled = {"prompt": "Tell me a story", "max_tokens": 8, "temperature": 1.0, "top_k": 40}
     assert server.text(**sampled, seed=3.0) == server.text(**sampled, seed=3)
+
+
+# Every float input, sent as a JSON integer (`2`, not `2.0`): JSON clients do. Each must act as
+# the float it stands for: the same text as the float spelling (sampled with a fixed seed, so a
+# value that were dropped or mangled would show).
+FLOAT_INPUTS_AS_INTEGERS = [("temperature", 1), ("top_p", 1), ("repetition_penalty", 2),
+                            ("repetition_penalty", 10), ("presence_penalty", 2),
+                            ("presence_penalty", -2), ("frequency_penalty", 1)]
+
+
+@pytest.mark.parametrize("name,value", FLOAT_INPUTS_AS_INTEGERS)
+def test_float_inputs_take_json_integers(server: Server, name: str, value: int) -> None:
+    sampled = {"prompt": "Tell me a story", "max_tokens": 12, "temperature": 0.9, "seed": 5}
+    body = server.predict(**{**sampled, name: value})
+    assert body["status"] == "succeeded", body
+    assert "".join(body["output"]) == server.text(**{**sampled, name: float(value)})
+    assert isinstance(json.loads(json.dumps({name: value}))[name], int)  # sent as an integer
+
+
+def test_setup_says_why_the_prefix_cache_is_off(server: Server) -> None:
+    log = server.log_path.read_text()
+    assert "prefix cache: off (the default on a CPU; CHATGLM3_PREFIX_CACHE=1 turns it on)" in log
 
 
 def test_huge_prompt_is_rejected_from_its_length(server: Server, nihao) -> None:

@@ -295,7 +295,7 @@ def _rewrite(path: Path, data: bytes) -> None:
     ("missing shard", rf"{SHARD1}: missing \(named in the index\)"),
     ("broken config", r"config.json: unreadable JSON"),
     ("empty tokenizer", r"tokenizer.model: empty"),
-    ("no weights", r"no weights"),
+    ("no weights", r"no weight files"),
     ("bad index", r"pytorch_model.bin.index.json: unreadable index"),
     ("index names a shard outside", r"pytorch_model.bin.index.json: names a shard outside the folder"),
 ])
@@ -362,7 +362,7 @@ def test_unsharded_checkpoints(no_network, tmp_path, name):
     with pytest.raises(CheckpointError, match=rf"{name}: cannot be read"):  # the loader names it
         load_model(d, "cpu", torch.float32)
     (d / name).unlink()
-    with pytest.raises(WeightsError, match="no weights"):
+    with pytest.raises(WeightsError, match="no weight files"):
         verify_checkpoint_files(d)
 
 
@@ -443,3 +443,94 @@ def test_tar_url_errors(hub, tmp_path):
 def test_bad_sources(no_network, source, kwargs, message):
     with pytest.raises(WeightsError, match=message):
         resolve_weights(source, **kwargs)
+
+
+# --- what a failure says next (issue: "(and 1 more: .)", offline advice when offline) ---------
+
+def test_an_empty_folder_is_named_in_words_with_the_programs_own_knob(no_network, tmp_path):
+    empty = tmp_path / "ckpt"
+    empty.mkdir()
+    for knob, pick in (("--weights", "--weights PATH"), ("COG_WEIGHTS", "COG_WEIGHTS=PATH")):
+        with pytest.raises(WeightsError) as e:
+            resolve_weights(empty, dest=tmp_path / "w", knob=knob)
+        what, hint = str(e.value).split("; next: ")
+        assert what == f"{empty}: empty folder: no config.json, no tokenizer.model, no weight files"
+        assert hint.startswith(f"fetch it into that folder with `python -m chatglm3 download "
+                               f"--dir {empty}`") and pick in hint
+        other = "COG_WEIGHTS" if knob == "--weights" else "--weights"
+        assert other not in hint and "HF_HUB_OFFLINE" not in hint and " ." not in what
+
+
+def test_several_problems_are_each_named(no_network, tmp_path):
+    ckpt = linked_copy(TINY_CKPT, tmp_path / "ckpt", skip=("config.json", "tokenizer.model",
+                                                           SHARD2))
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(ckpt, dest=tmp_path / "w")
+    what = str(e.value).split("; next: ")[0]
+    assert what == (f"{ckpt}: config.json: missing; tokenizer.model: missing; "
+                    f"{SHARD2}: missing (named in the index)")
+
+
+def test_offline_with_an_empty_folder_says_to_go_online(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "w").mkdir()
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(None, dest=tmp_path / "w", knob="COG_WEIGHTS")
+    what, hint = str(e.value).split("; next: ")
+    assert "offline (HF_HUB_OFFLINE is set)" in what and "empty folder" in what
+    assert hint.startswith("unset HF_HUB_OFFLINE to fetch it into")
+    assert "HF_HUB_OFFLINE=1" not in hint and "COG_WEIGHTS=PATH" in hint
+
+
+def test_a_hub_that_does_not_answer_names_the_mirror_and_offline_only_if_it_helps(tmp_path):
+    # the hub at a closed port (the autouse fixture); nothing in dest yet
+    with pytest.raises(WeightsError) as e:
+        resolve_weights(None, dest=tmp_path / "w", progress=False)
+    hint = str(e.value).split("; next: ")[1]
+    assert "HF_ENDPOINT" in hint and "--weights PATH" in hint
+    assert "HF_HUB_OFFLINE" not in hint  # nothing complete to use offline
+
+
+def test_the_download_folder_given_by_name_is_fetched_into(hub, tmp_path):
+    """COG_WEIGHTS=weights (the README's server command on a fresh clone): the empty download
+    folder means the default weights, fetched into it, as when nothing is given."""
+    dest = tmp_path / "w"
+    dest.mkdir()
+    assert resolve_weights(dest, dest=dest, progress=False) == dest.resolve()
+    assert_same_files(dest, TINY_CKPT)
+    assert hub.seen(match=f"/{DEFAULT_REPO}/resolve/{DEFAULT_REVISION}/")
+
+
+def test_the_tokenizer_alone_is_fetched_for_encode(hub, tmp_path):
+    from chatglm3.download import resolve_tokenizer
+
+    dest = tmp_path / "w"
+    assert resolve_tokenizer(None, dest=dest, progress=False) == dest
+    assert (dest / "tokenizer.model").read_bytes() == (TINY_CKPT / "tokenizer.model").read_bytes()
+    fetched = {r.path.rsplit("/", 1)[-1] for r in hub.seen("GET") if "/resolve/" in r.path}
+    assert fetched == {"tokenizer.model", "tokenizer_config.json"}
+    assert not hub.seen(match=".bin")
+    hub.reset()
+    assert resolve_tokenizer(None, dest=dest) == dest and hub.requests == []  # there already
+    other = tmp_path / "other"
+    assert resolve_tokenizer("test/tiny", dest=other, progress=False) == other
+    assert not hub.seen(match=".bin") and (other / "tokenizer.model").is_file()
+
+
+def test_engine_from_pretrained_takes_what_the_cli_takes(hub, tmp_path, monkeypatch):
+    """None: the official weights, fetched into the weights folder first; a hub repo id too."""
+    from chatglm3.engine import Engine
+    from chatglm3.params import SamplingParams
+
+    monkeypatch.setenv("CHATGLM3_WEIGHTS_DIR", str(tmp_path / "w"))
+    engine = Engine.from_pretrained(None, "cpu", "float32")
+    try:
+        assert (tmp_path / "w" / "config.json").is_file()
+        assert engine.generate_ids([64790, 64792, 64795], SamplingParams(max_tokens=3,
+                                                                         temperature=0)).text()
+    finally:
+        engine.close()
+    hub.reset()
+    engine = Engine.from_pretrained("test/tiny", "cpu", "float32")
+    engine.close()
+    assert hub.seen(match="/test/tiny/resolve/")

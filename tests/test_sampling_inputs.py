@@ -105,3 +105,31 @@ def test_each_input_acts_on_its_own_request_in_a_mixed_batch(engine: Engine, ref
     # a negative frequency penalty makes the answer repeat itself; presence 2 avoids repeats
     assert len(set(repeat)) < len(set(untouched)) // 2
     assert len(set(fresh)) == len(fresh) and len(set(fresh)) >= len(set(untouched))
+
+
+# ---- what the Python API takes (integral JSON numbers, all errors at once) ----
+
+FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
+                "frequency_penalty")
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_float_fields_take_integers(field: str) -> None:
+    """JSON clients send 2, not 2.0; transformers' repetition penalty refuses an int."""
+    value = {"top_p": 1, "presence_penalty": -2}.get(field, 2)
+    p = SamplingParams(**{field: value})
+    assert getattr(p, field) == value and type(getattr(p, field)) is float
+    s = RequestSampling(p, prompt_len=1)  # builds transformers' processor for the penalty
+    logits = s.adjust(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2]]))
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_settings_fail_when_built_naming_every_field() -> None:
+    with pytest.raises(SettingsError) as e:
+        SamplingParams(max_tokens=-5, temperature=9, top_k=-1, stop=["x" * 300])
+    message = str(e.value)
+    for named in ("max_tokens: must be an integer from 1 to 32768", "temperature: must be from "
+                  "0 to 5", "top_k: must be an integer >= 0", "stop_sequences[0]: at most 256"):
+        assert named in message, message
+    with pytest.raises(SettingsError, match="^repetition_penalty: must be from 0.01 to 10"):
+        SamplingParams(repetition_penalty=True)  # a bool is no number

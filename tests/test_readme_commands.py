@@ -1,0 +1,116 @@
+"""The README's commands, read from the README and run as it states them, on a fresh clone's
+state: an empty weights folder, the hub (a fake one on 127.0.0.1 serving the tiny checkpoint
+as the official repo) reachable. What each command does first on a new machine (fetch the
+weights) is part of what is tested."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from chatglm3.download import DEFAULT_REPO, DEFAULT_REVISION
+from cogserver import _call
+from conftest import ROOT, TINY_CKPT
+from fakehub import FakeHub
+
+pytestmark = pytest.mark.slow
+README = (ROOT / "README.md").read_text()
+
+
+def readme_command(marker: str) -> str:
+    """The one command line inside a ```bash block of the README that contains `marker`, with
+    any trailing # comment dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
+    lines = [line for block in blocks for line in block.splitlines() if marker in line]
+    assert len(lines) == 1, (marker, lines)
+    return lines[0].split("  #", 1)[0].strip()
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with FakeHub() as h:
+        h.add_repo(DEFAULT_REPO, {p.name: p for p in TINY_CKPT.iterdir()}, commit=DEFAULT_REVISION)
+        yield h
+
+
+def fresh_env(tmp_path: Path, hub: FakeHub, **extra: str) -> dict[str, str]:
+    """This machine's environment as a new user has it: online (no HF_HUB_OFFLINE), nothing
+    of ours set, the weights folder empty (CHATGLM3_WEIGHTS_DIR stands for weights/, so the
+    repository's own stays as it is), the hub at the fake one."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CHATGLM3_", "COG_", "HF_")) and k not in ("PYTHONPATH", "PORT")}
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"), CHATGLM3_WEIGHTS_DIR=str(weights),
+               **extra)
+    return env
+
+
+def test_the_model_command_fetches_and_chats(tmp_path: Path, hub: FakeHub) -> None:
+    command = readme_command("scripts/run chat")
+    assert command == "scripts/run chat"
+    out = subprocess.run(["bash", "-c", command], input="你好\nstop\n", env=fresh_env(tmp_path, hub),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Fetching {DEFAULT_REPO}" in out.stderr  # the empty weights folder was filled
+    answer = out.stdout.split("ChatGLM: ", 1)[1]
+    assert answer.strip(), out.stdout
+    assert (tmp_path / "weights" / "config.json").is_file()
+
+
+def test_the_local_server_command_fetches_and_serves_two_at_once(tmp_path: Path,
+                                                                 hub: FakeHub) -> None:
+    command = readme_command("cog.server.http")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(["bash", "-c", command], env=fresh_env(tmp_path, hub, PORT=str(port)),
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, health = time.monotonic() + 300, {}
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                _, health = _call("GET", base + "/health-check", timeout=2)
+                if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        text = (tmp_path / "server.log").read_text(errors="replace")
+        assert health.get("status") == "READY", text[-4000:]
+        assert hub.seen(match=f"/{DEFAULT_REPO}/resolve/{DEFAULT_REVISION}/")  # setup fetched
+
+        results: list = [None, None]
+        started = threading.Barrier(2)
+
+        def predict(i: int) -> None:
+            started.wait()
+            body = {"input": {"prompt": f"Tell me story {i}", "max_tokens": 48, "temperature": 0}}
+            results[i] = _call("POST", base + "/predictions", body)
+
+        threads = [threading.Thread(target=predict, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        for code, body in results:
+            # one slot would answer the second with 409 "At capacity"
+            assert code == 200 and body["status"] == "succeeded", (code, body)
+            assert body["metrics"]["output_token_count"] > 0
+        assert "batch 8" in (tmp_path / "server.log").read_text(errors="replace")
+    finally:
+        try:
+            os.killpg(proc.pid, 15)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, 9)
+        log.close()
