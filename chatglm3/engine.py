@@ -73,29 +73,21 @@ class Engine:
     elsewhere. (The test-only "fixed" runs the graphs' shapes without recording.)
     `prefill_budget`: prompt tokens per step while other requests decode.
 
-    The KV cache: on a GPU it is planned once, here, from the memory left after the weights
-    and a measured prefill peak (kv_rows.plan_kv), and allocated once; `kv_budget_bytes` sets
-    its size instead (on any device). Without either (the CPU default) it grows on demand.
-    With a planned cache, `max_batch` is at most its rows, and a request runs only once a row
-    is free (every row holds a request's worst case, prompt + max_tokens; one that no row
-    could hold is refused at once with RequestTooLarge). Waiting requests start in arrival
-    order, strictly first in, first out: all rows are alike, so no request could start sooner
-    by overtaking, and none is passed over.
+    The KV cache: on a GPU planned once from the memory left after the weights and a measured
+    prefill peak (kv_rows.plan_kv); `kv_budget_bytes` sets its size instead; without either
+    (the CPU default) it grows on demand. With a planned cache `max_batch` is at most its rows,
+    a request runs once a row is free, first in, first out (scheduler.py), and one no row could
+    hold is refused at once with RequestTooLarge.
 
-    The prefix cache (`prefix_cache`; None = on with a CUDA device, off elsewhere): a finished
-    or cancelled request's keys and values stay in its row, keyed by its token ids, and a later
-    request reuses the longest cached prefix of its input instead of prefilling it (follow-up
-    turns, shared system prompts and documents); GenerationResult.cached_input_token_count
-    says how much. Entries only fill rows no request runs in, and are evicted, least recently
-    used first, when a request needs the row: they never make a request wait. A planned cache
-    then takes as many rows as its budget holds (up to max_batch + MAX_PREFIX_ROWS), max_batch of
-    them running; a growing (CPU) cache keeps entries in up to max_batch rows. prefix_cache.py
-    has the design.
+    The prefix cache (`prefix_cache`; None = on with a CUDA device, off elsewhere): finished or
+    cancelled requests' keys/values stay in their rows and later requests reuse the longest
+    cached prefix (GenerationResult.cached_input_token_count says how much); a planned cache
+    then takes up to max_batch + MAX_PREFIX_ROWS rows. rows.py and prefix_cache.py have the
+    design.
 
     Call `warm_up()` once before serving (setup): it meets every prefill shape, records the
     decoding graphs and checks them against eager steps.
     """
-
 
     def __init__(self, model: torch.nn.Module, tokenizer: ChatGLMTokenizer,
                  max_batch: int = DEFAULT_MAX_BATCH, decode_step: str = "auto",
