@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import threading
 
 import pytest
@@ -338,3 +339,40 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
         return count.ops
 
     assert ops_for(1) == ops_for(4)
+
+
+def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_tokenizer) -> None:
+    """While a request decodes, a 2,000-token prompt prefills 512 tokens a step (a running
+    stream then waits a quarter as long); alone it runs whole chunks; either way its tokens
+    are those of whole-chunk scheduling."""
+    from transformers import DynamicCache
+
+    rng = random.Random(4)
+    long = [rng.randrange(100, 60000) for _ in range(2000)]
+    short = [rng.randrange(100, 60000) for _ in range(20)]
+    outputs = {}
+    for budget in (512, 2048):
+        engine = Engine(tiny_model_fp32, no_stop_tokenizer, prefill_budget=budget)
+        chunks: list[int] = []
+        hook = engine.model.register_forward_pre_hook(
+            lambda _m, _a, kw: chunks.append(kw["input_ids"].shape[1])
+            if isinstance(kw.get("cache"), DynamicCache) else None, with_kwargs=True)
+        try:
+            alone = engine.generate_ids(long, SamplingParams(max_tokens=2, **GREEDY))
+            alone.text()
+            assert chunks == [2048]  # alone: one whole chunk (2,000 tokens, padded)
+            chunks.clear()
+            running = engine.generate_ids(short, SamplingParams(max_tokens=30000, **GREEDY))
+            it = iter(running)
+            next(it)  # it decodes now, for as long as the test needs
+            beside = engine.generate_ids(long, SamplingParams(max_tokens=2, **GREEDY))
+            beside.text()
+            running.cancel()
+            list(it)
+            assert chunks[0] == 24  # the short prompt, padded
+            assert chunks[1:] == ([2048] if budget == 2048 else [512] * 4)
+            outputs[budget] = (alone.result.output_ids, beside.result.output_ids)
+        finally:
+            hook.remove()
+            engine.close()
+    assert outputs[512] == outputs[2048]
