@@ -1,91 +1,35 @@
-"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine`.
+"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine` (the work
+lives in `chatglm3/`); it maps inputs, streams the engine's text deltas and records metrics.
 
-The work (weights, tokenizer, batching, sampling, stop strings, limits) lives in `chatglm3/`;
-this file maps inputs, streams the engine's text deltas and records metrics.
-
-`cog build` writes the image's input schema with a static parser that never imports this file
-(cog 0.23.1, pkg/schema/python/): it reads only literal decorator arguments and bounds, and
-defaults and descriptions that are literals or constants of this module bound to one plain
-literal, taking strings as the raw text between their quotes. So every value below is spelled
-out here, although chatglm3.params holds the same defaults and limits: tests/test_cog_static.py
-keeps this file inside that subset and its values equal to chatglm3's.
-
-run() is a coroutine that returns a plain generator: more than one prediction at a time needs
-an async run(), but coglet 0.23.1 streams only plain generators (it collects async ones);
-chatglm3.coglet_cancel explains how cancel still reaches the engine.
-
-Environment (besides what chatglm3.download reads: CHATGLM3_REVISION, CHATGLM3_WEIGHTS_DIR,
-HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, HF_HUB_DOWNLOAD_TIMEOUT):
-  COG_WEIGHTS          checkpoint: a directory, hub repo id "owner/name[@rev]" or .tar URL
-                       (Cog passes it to setup(weights=...); unset = the default hub repo)
-  COG_MAX_CONCURRENCY  predictions at once = the engine's batch size (cog build bakes in the
-                       @cog.concurrent max)
-  CHATGLM3_DEVICE      auto | cpu | cuda (cog.yaml sets cuda: no silent CPU fallback)
-  CHATGLM3_DTYPE       auto | float16 | bfloat16 | float32 (default auto: fp16 on GPU)
-  CHATGLM3_DECODE_STEP auto | eager | graphs
-  CHATGLM3_KV_BUDGET   KV cache size, planned once (e.g. 7GiB; default: on a GPU, from the memory
-                       left after the weights; on a CPU the cache grows)
-  CHATGLM3_PREFIX_CACHE 0 = keep no finished requests' keys/values (default: kept with a GPU,
-                       not on a CPU)
-  CHATGLM3_QUANTIZE    none | int8 | int4: weight-only quantization at load (default none;
-                       chatglm3/quantize.py says what each runs on)
+`cog build` writes the input schema with a static parser that never imports this file (cog
+0.23.1, pkg/schema/python/): it reads only literals (and module constants bound to one plain
+literal), strings as the raw text between their quotes. So every value below is spelled out,
+although chatglm3.params holds the same ones: tests/test_cog_static.py keeps them equal.
+run() is a coroutine returning a plain generator: concurrency needs an async run(), coglet
+0.23.1 streams only plain generators; chatglm3.coglet_cancel says how cancel reaches the engine.
+Environment: COG_WEIGHTS (Cog's setup(weights=...)), the load-time settings of
+chatglm3/settings.py (CHATGLM3_DEVICE, ..., COG_MAX_CONCURRENCY) and chatglm3/download.py's.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import os
 import time
 from typing import Iterator, Optional
 
 import cog
 from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 
-from chatglm3 import coglet_cancel
+from chatglm3 import coglet_cancel, serving
 from chatglm3.devices import resolve_device
 from chatglm3.download import resolve_weights
-from chatglm3.engine import Engine, Generation
-from chatglm3.messages import build_messages
+from chatglm3.engine import Generation
+from chatglm3.messages import build_messages, parse_stop_sequences
 from chatglm3.params import SamplingParams
-from chatglm3.quantize import check_mode
+from chatglm3.settings import Settings
 
 HISTORY_HELP = 'Earlier turns as JSON text, oldest first; empty = none. Either a list of messages [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; a system message may only come first), or a list of [question, answer] pairs [["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item. At most 8388608 characters and 32 levels of nesting.'
 STOP_HELP = r"Comma-separated strings that end the answer where they first appear (they are not part of the output), e.g. 'Observation:,User:'. Escapes: \, is a comma inside a stop string, \n a newline, \t a tab, \\ a backslash; anything else, spaces included, is kept as typed. At most 16 strings of at most 256 characters. Empty = none (the model's own end tokens always stop it)."
-
-
-def parse_stop_sequences(text: str) -> list[str]:
-    """'a,b\\,c' -> ['a', 'b,c']. Commas split; backslash escapes: \\, \\n \\t \\\\.
-
-    A backslash before any other character is kept as is; empty items are dropped.
-    """
-    escapes = {",": ",", "n": "\n", "t": "\t", "\\": "\\"}
-    items, cur, i = [], [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text) and text[i + 1] in escapes:
-            cur.append(escapes[text[i + 1]])
-            i += 2
-            continue
-        if ch == ",":
-            items.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    items.append("".join(cur))
-    return [s for s in items if s]
-
-
-def _batch_size() -> int:
-    """COG_MAX_CONCURRENCY, which cog build sets from @cog.concurrent(max=...)."""
-    raw = os.environ.get("COG_MAX_CONCURRENCY", "").strip()
-    declared = Predictor.run.__cog_concurrent_max__
-    try:
-        return max(1, int(raw)) if raw else declared
-    except ValueError:
-        print(f"COG_MAX_CONCURRENCY={raw!r} is not an integer; using {declared}", flush=True)
-        return declared
 
 
 class Predictor(BaseRunner):
@@ -97,66 +41,20 @@ class Predictor(BaseRunner):
         warning = coglet_cancel.check_coglet_version()
         if warning:
             print(f"warning: {warning}", flush=True)
-        device = resolve_device(os.environ.get("CHATGLM3_DEVICE", "auto"))
-        # CHATGLM3_QUANTIZE: none | int8 | int4, checked before the weights are fetched.
-        quantize = os.environ.get("CHATGLM3_QUANTIZE", "").strip().lower() or "none"
-        try:
-            check_mode(quantize)
-        except ValueError as e:
-            raise ValueError(f"CHATGLM3_QUANTIZE: {e}") from None
+        # Every load-time choice from the environment, checked before anything loads.
+        settings = Settings.from_env(max_batch=Predictor.run.__cog_concurrent_max__)
+        device = resolve_device(settings.device)
         t1 = time.perf_counter()
         source = weights or None
         print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
         path = resolve_weights(source, knob="COG_WEIGHTS")
         t2 = time.perf_counter()
-        batch = _batch_size()
-        # CHATGLM3_KV_BUDGET (e.g. 7GiB, 8e9): the KV cache's size, planned once; unset: on a
-        # GPU it is planned from the memory left after the weights, on a CPU it grows.
-        raw_budget = os.environ.get("CHATGLM3_KV_BUDGET", "").strip()
-        kv_budget = None
-        if raw_budget:
-            from chatglm3.kv_rows import parse_bytes
-
-            try:
-                kv_budget = parse_bytes(raw_budget)
-            except ValueError as e:
-                raise ValueError(f"CHATGLM3_KV_BUDGET: {e}") from None
-        # CHATGLM3_PREFIX_CACHE: 0/1 (also off/on, false/true); unset = on with a GPU only.
-        raw_prefix = os.environ.get("CHATGLM3_PREFIX_CACHE", "").strip().lower()
-        prefix_cache = None
-        if raw_prefix:
-            if raw_prefix not in ("0", "1", "off", "on", "false", "true"):
-                raise ValueError(f"CHATGLM3_PREFIX_CACHE: expected 0 or 1, got {raw_prefix!r}")
-            prefix_cache = raw_prefix in ("1", "on", "true")
-        self.engine = Engine.from_pretrained(
-            path, device=str(device), dtype=os.environ.get("CHATGLM3_DTYPE", "auto"),
-            max_batch=batch, decode_step=os.environ.get("CHATGLM3_DECODE_STEP", "auto"),
-            kv_budget_bytes=kv_budget, prefix_cache=prefix_cache, quantize=quantize)
-        print(f"quantize: {self.engine.quantize} (CHATGLM3_QUANTIZE); weights "
-              f"{self.engine.weight_bytes / 2**30:.2f} GiB", flush=True)
-        plan = self.engine.kv_plan
-        print(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}", flush=True)
-        on = bool(self.engine.prefix_cache)
-        why = (f"CHATGLM3_PREFIX_CACHE={raw_prefix}" if raw_prefix else
-               f"the default on a {'GPU' if device.type == 'cuda' else 'CPU'}; "
-               f"CHATGLM3_PREFIX_CACHE={'0' if on else '1'} turns it {'off' if on else 'on'}")
-        print(f"prefix cache: {'on' if on else 'off'} ({why})", flush=True)
-        if plan is not None and plan.rows < batch:
-            print(f"KV cache holds {plan.rows} requests at a time; the other predictions of "
-                  f"the {batch} allowed wait for a row, in order", flush=True)
-        t3 = time.perf_counter()
-        # Every prefill shape, the decoding graphs recorded and checked against eager steps,
-        # then one short request through the whole path.
-        report = self.engine.warm_up()
-        print(f"warm-up: {report}", flush=True)
-        warm = self.engine.generate(build_messages("你好"),
-                                    SamplingParams(max_tokens=2, temperature=0.0))
-        warm.text()
-        t4 = time.perf_counter()
+        self.engine, load_s, warm_s = serving.start(path, settings, device)
         param = next(self.engine.model.parameters())
-        print(f"ready: {path} on {param.device} ({param.dtype}), batch {batch}; "
+        print(f"ready: {path} on {param.device} ({param.dtype}), batch {settings.max_batch}; "
               f"device check {t1 - t0:.1f}s, weights (fetch + verify) {t2 - t1:.1f}s, "
-              f"load {t3 - t2:.1f}s, warm-up {t4 - t3:.2f}s, total {t4 - t0:.1f}s", flush=True)
+              f"load {load_s:.1f}s, warm-up {warm_s:.2f}s, total {time.perf_counter() - t0:.1f}s",
+              flush=True)
 
     @cog.streaming
     @cog.concurrent(max=8)
@@ -197,12 +95,13 @@ class Predictor(BaseRunner):
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                     min_tokens=min_tokens, presence_penalty=presence_penalty,
-                                    frequency_penalty=frequency_penalty)
+                                    frequency_penalty=frequency_penalty,
+                                    stop=parse_stop_sequences(stop_sequences))
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.
-            ids = await asyncio.to_thread(self._prepare, prompt, system_prompt, history,
-                                          stop_sequences, params)
-            gen = self.engine.generate_ids(ids, params)
+            request = await asyncio.to_thread(lambda: self.engine.prepare_messages(
+                build_messages(prompt, system_prompt or None, history or None), params))
+            gen = self.engine.submit(request)
         except ValueError as e:  # HistoryError, SettingsError, PromptTooLong: say what and why
             raise ValueError(str(e)) from None
 
@@ -214,14 +113,6 @@ class Predictor(BaseRunner):
                   flush=True)
         coglet_cancel.on_cancel(gen.cancel)
         return coglet_cancel.in_context(contextvars.copy_context(), self._stream(gen))
-
-    def _prepare(self, prompt: str, system_prompt: str, history: str, stop_sequences: str,
-                 params: SamplingParams) -> list[int]:
-        """Checks the settings and the conversation and tokenizes it (in a worker thread)."""
-        params.stop = parse_stop_sequences(stop_sequences)
-        params.validate()
-        messages = build_messages(prompt, system_prompt or None, history or None)
-        return self.engine.encode(messages)
 
     def _stream(self, gen: Generation) -> Iterator[str]:
         """The text deltas (coglet pulls them in the slot's thread), then the metrics."""

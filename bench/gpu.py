@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import torch  # noqa: E402
 
 from chatglm3.engine import Engine  # noqa: E402
-from chatglm3.kv_rows import parse_bytes  # noqa: E402
+from chatglm3.settings import parse_bytes  # noqa: E402
 from chatglm3.params import SamplingParams  # noqa: E402
 from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
 from decode import PROMPT, bare_loop, engine_streams  # noqa: E402

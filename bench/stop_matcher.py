@@ -152,6 +152,13 @@ def main() -> None:
                 else:
                     cells.append(f"{us_per_char(make, stops, deltas, repeat):>14.3f}")
         print(f"{f'stop {length:,}':<16}{''.join(cells)}")
+    # The API's cap (params.MAX_STOP_SEQUENCES x MAX_STOP_LENGTH): 16 stops of 256 characters.
+    cap_random = ["".join(rng.choices("ab", k=255)) + "c" for _ in range(16)]
+    cap_almost = ["a" * (255 - i) + "b" * (i + 1) for i in range(16)]
+    cells = [f"{us_per_char(make, stops, deltas, repeat):>14.3f}"
+             for stops, deltas in ((cap_random, random_deltas), (cap_almost, a_deltas))
+             for make in MATCHERS.values()]
+    print(f"{'16 x 256 (cap)':<16}{''.join(cells)}")
     print("\n(-: not run; the old matcher's construction is quadratic in the stop length)")
 
 

@@ -30,6 +30,7 @@ from .params import (
     MIN_REPETITION_PENALTY,
     SamplingParams,
 )
+from .settings import DECODE_STEPS, DEVICES, DTYPES, Settings, add_arguments  # noqa: F401
 from .tokenizer import ChatGLMTokenizer, Message
 
 if TYPE_CHECKING:  # torch and transformers load only once a command needs the model
@@ -37,12 +38,6 @@ if TYPE_CHECKING:  # torch and transformers load only once a command needs the m
 
     from .engine import Engine, Generation
 
-# devices.DEVICES, spelled out: importing devices imports torch (1.5 s), too slow for --help and
-# for argument errors; tests/test_cli.py keeps the two equal.
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-DECODE_STEPS = ("auto", "eager", "graphs")
-QUANTIZE_MODES = ("none", "int8", "int4")  # quantize.MODES, spelled out for the same reason
 _DEFAULTS = SamplingParams()  # the defaults params.py has no named constant for (top_k, ...)
 
 
@@ -64,27 +59,10 @@ def _weights_parser(what: str) -> OneLineParser:
 
 
 def _runtime_parser() -> OneLineParser:
+    """The load-time settings' flags (settings.OPTIONS: the same definitions predict.py's
+    environment variables use)."""
     parser = OneLineParser(add_help=False)
-    parser.add_argument("--device", default="auto", choices=DEVICES,
-                        help="where to run (default auto: a usable CUDA GPU, else the CPU)")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="dtype of weights and compute (default auto: float16 on a GPU, as "
-                             "the checkpoint is stored; bfloat16 on the CPU)")
-    parser.add_argument("--decode-step", default="auto", choices=DECODE_STEPS,
-                        help="graphs: replay each decoding step as a CUDA graph; eager: launch it "
-                             "from Python (default auto: graphs on a GPU, else eager)")
-    parser.add_argument("--kv-budget", default=None, metavar="BYTES",
-                        help="size of the KV cache, planned once (e.g. 7GiB, 8e9; default: on a "
-                             "GPU, what the memory left after the weights allows; on the CPU it "
-                             "grows as needed)")
-    parser.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
-                        help="weight-only quantization of the linear layers at load: int8 "
-                             "halves the weights' memory, int4 (groups of 128; bfloat16 on a "
-                             "GPU) takes ~30%% of it; both decode faster on a CPU (default none: "
-                             "the weights as stored)")
-    parser.add_argument("--no-prefix-cache", action="store_true",
-                        help="do not keep finished requests' keys/values for later ones sharing "
-                             "a prefix (default: kept with a GPU, not on the CPU)")
+    add_arguments(parser)
     return parser
 
 
@@ -302,30 +280,25 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     from .engine import Engine
     from .quantize import compute_dtype
 
+    settings = Settings.from_args(args)  # a ValueError naming the flag
     # Device checks first: a missing GPU should not cost a 12 GB download or load first.
-    device = resolve_device(args.device)
-    dtype = compute_dtype(args.quantize, device, resolve_dtype(args.dtype, device))
-    if args.decode_step == "graphs" and device.type != "cuda":
+    device = resolve_device(settings.device)
+    dtype = compute_dtype(settings.quantize, device, resolve_dtype(settings.dtype, device))
+    if settings.decode_step == "graphs" and device.type != "cuda":
         raise ValueError("decode_step: graphs needs a CUDA device")
-    budget = None
-    if args.kv_budget is not None:
-        from .kv_rows import parse_bytes
-
-        budget = parse_bytes(args.kv_budget)  # a ValueError naming the KV budget
     path = resolve_weights(args.weights)
     where = str(device)
     if device.type == "cuda":
         import torch
 
         where += f" ({torch.cuda.get_device_name(device)})"
-    quantized = "" if args.quantize == "none" else f", linear layers quantized to {args.quantize}"
+    quantized = ("" if settings.quantize == "none"
+                 else f", linear layers quantized to {settings.quantize}")
     say(f"loading weights {Path(path).absolute()} on {where} as "
         f"{str(dtype).removeprefix('torch.')}{quantized}")
     start = time.perf_counter()
-    engine = Engine.from_pretrained(path, device, dtype, progress=True,
-                                    decode_step=args.decode_step, kv_budget_bytes=budget,
-                                    prefix_cache=False if args.no_prefix_cache else None,
-                                    quantize=args.quantize)
+    kwargs = dict(settings.engine_kwargs(), device=device, dtype=dtype)
+    engine = Engine.from_pretrained(path, progress=True, **kwargs)
     if engine.quantize != "none":
         say(f"weights: {_size(engine.weight_bytes)} (quantize {engine.quantize})")
     if engine.kv_plan is not None:
@@ -344,7 +317,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         stop=args.stop, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty,
     )
-    params.validate()  # before the model loads: a typo should not cost a 12 GB load
+    # (built, it is validated: before the model loads, so a typo costs no 12 GB load)
     return params
 
 

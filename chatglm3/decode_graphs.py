@@ -4,7 +4,8 @@ A batch-1 decoding step of the 6B model reads ~12 GB of weights: ~2.5 ms on a cu
 less than Python takes to launch the step's ~1,000 kernels one by one. A CUDA graph records
 the step once and replays it with one launch. Graphs need fixed shapes and addresses, so each
 step is padded up to a bucket of two sizes:
-- the batch: 1, 2, 4, 8, ... up to max_batch (rows past the real ones are free rows: scratch);
+- the batch: 1, 2, 4, 8, ... up to max_batch (rows past the real ones are padding: they write
+  to the KV cache's scratch row when rows past the running ones hold prefix cache entries);
 - the positions attention reads: 256, 512, 1024, ... up to the cache's capacity, the smallest
   one that covers the furthest row (the mask hides what lies past each row's length). A step
   thus reads less than twice what its furthest row needs (at least 256 positions: 7 MB per row
@@ -48,10 +49,12 @@ MIN_READ = GRANULARITY  # the smallest read-length bucket
 
 
 def decode_logits(model: torch.nn.Module, kv: KVRows, tokens: torch.Tensor,
-                  positions: torch.Tensor, read_len: int) -> torch.Tensor:
+                  positions: torch.Tensor, read_len: int,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step over the first rows of `kv`: `tokens` [batch, 1] at `positions`
-    [batch], attention reading `read_len` positions; returns the logits [batch, vocab]."""
-    mask = kv.prepare_step(positions, read_len=read_len)
+    [batch], attention reading `read_len` positions, writing into `rows` (by default row i for
+    batch row i); returns the logits [batch, vocab]."""
+    mask = kv.prepare_step(positions, read_len=read_len, rows=rows)
     out = model(input_ids=tokens, position_ids=positions[:, None], attention_mask=mask,
                 cache=kv, logits_to_keep=1)
     return out.logits[:, -1]
@@ -82,6 +85,7 @@ class _Inputs:
 
     tokens: torch.Tensor  # [bucket, 1]
     positions: torch.Tensor  # [bucket]
+    rows: torch.Tensor  # [bucket] the row each writes: its own, or the scratch row (padding)
 
 
 @dataclass
@@ -104,6 +108,7 @@ class FixedShapeDecoder:
         self._steps: dict[tuple[int, int], _Step] = {}
         self._kv_version = kv.version
         self._pool = None
+        self._row_ids = torch.arange(max_batch, device=kv.device)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every (batch, read length) a step can take with the cache as it is."""
@@ -124,7 +129,12 @@ class FixedShapeDecoder:
         step = self._step(bucket, read)
         step.inputs.tokens[:batch] = tokens
         step.inputs.positions[:batch] = positions
-        step.inputs.positions[batch:] = 0  # padding rows write position 0 of scratch rows
+        step.inputs.positions[batch:] = 0
+        if self.kv.scratch_row is not None:
+            # Rows past the batch may hold prefix cache entries: padding rows write to the
+            # scratch row instead (row i writes row i otherwise: rows[:batch] stay 0..batch-1).
+            step.inputs.rows[:batch] = self._row_ids[:batch]
+            step.inputs.rows[batch:] = self.kv.scratch_row
         if not self.record:
             step.logits = self._forward(step)
         elif step.graph is None:
@@ -144,6 +154,7 @@ class FixedShapeDecoder:
             if step.graph is None:
                 step.inputs.tokens.zero_()
                 step.inputs.positions.zero_()
+                step.inputs.rows.copy_(torch.arange(bucket, device=self.kv.device))
                 self._record_graph(step)
                 done += 1
         return done
@@ -161,13 +172,14 @@ class FixedShapeDecoder:
             if inputs is None:
                 inputs = self._inputs[bucket] = _Inputs(
                     torch.zeros(bucket, 1, dtype=torch.long, device=self.kv.device),
-                    torch.zeros(bucket, dtype=torch.long, device=self.kv.device))
+                    torch.zeros(bucket, dtype=torch.long, device=self.kv.device),
+                    torch.arange(bucket, device=self.kv.device))
             step = self._steps[bucket, read] = _Step(inputs, read)
         return step
 
     def _forward(self, step: _Step) -> torch.Tensor:
         return decode_logits(self.model, self.kv, step.inputs.tokens, step.inputs.positions,
-                             step.read_len)
+                             step.read_len, step.inputs.rows)
 
     def _record_graph(self, step: _Step) -> None:
         # The warm-up runs (which let cuBLAS and friends allocate outside the graph) use this

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from .settings import DEVICES
 
 
 class DeviceError(RuntimeError):

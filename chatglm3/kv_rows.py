@@ -24,7 +24,6 @@ positions of a larger buffer.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +57,11 @@ class KVRows:
         self.keys = [self._empty(rows, capacity) for _ in range(layers)]
         self.values = [self._empty(rows, capacity) for _ in range(layers)]
         self._write_at: torch.Tensor | None = None  # [batch] positions the next update writes
+        self._write_rows: torch.Tensor | None = None  # [batch] rows it writes (None: 0..batch-1)
         self._read_len = 0
-        # Set by an engine that keeps prefix cache entries in rows past the running ones: see
-        # prepare_step.
-        self.padding_to_scratch = False
+        # The row padding rows of a fixed-shape step write to (decode_graphs), set when rows
+        # past the running ones hold prefix cache entries (rows.RowAllocator owns the choice).
+        self.scratch_row: int | None = None
         self.version = 0  # bumped whenever the buffers are reallocated (their addresses change)
 
     def _empty(self, rows: int, capacity: int) -> torch.Tensor:
@@ -139,22 +139,18 @@ class KVRows:
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(k[row : row + 1, :, :length], v[row : row + 1, :, :length], layer)
 
-    def prepare_step(self, positions: torch.Tensor, read_len: int | None = None) -> torch.Tensor:
-        """Sets where the next forward pass writes (one token per row at `positions`) and
-        returns the boolean attention mask [batch, 1, 1, read_len] it must use.
+    def prepare_step(self, positions: torch.Tensor, read_len: int | None = None,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Sets where the next forward pass writes (one token per row at `positions`, in
+        `rows`: by default row i for batch row i) and returns the boolean attention mask
+        [batch, 1, 1, read_len] it must use. The fixed-shape decoder's padding rows pass
+        `scratch_row` there, so their writes never touch a row someone holds.
 
         `read_len`: how many positions attention reads; by default up to the furthest row
         (which costs a device sync: pass it when the caller knows it).
         """
         self._write_at = positions
-        if self.padding_to_scratch:
-            # The fixed-shape decoder pads a batch with rows at position 0 (decode_graphs), and
-            # those rows may be prefix cache entries, whose position 0 must survive. No real
-            # decoding step writes position 0 (a prompt has at least one token), so a 0 marks a
-            # padding row: its write goes to the last position instead, which no entry holds
-            # (the engine keeps entries shorter than the capacity). A tensor op: CUDA graphs
-            # replay it with whatever positions they are given.
-            self._write_at = positions.masked_fill(positions == 0, self.capacity - 1)
+        self._write_rows = rows
         self._read_len = int(positions.max()) + 1 if read_len is None else read_len
         span = torch.arange(self._read_len, device=self.device)
         return (span[None, :] <= positions[:, None])[:, None, None, :]
@@ -164,7 +160,8 @@ class KVRows:
         """The one method attention calls: writes this step's key/value of each row and
         returns the first `read_len` positions of the batch's rows (a view: fixed address)."""
         batch = key.shape[0]
-        rows = torch.arange(batch, device=self.device)
+        rows = (torch.arange(batch, device=self.device) if self._write_rows is None
+                else self._write_rows)
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
         k_buf[rows, :, self._write_at] = key[:, :, 0]
         v_buf[rows, :, self._write_at] = value[:, :, 0]
@@ -260,21 +257,6 @@ def plan_kv(*, total_bytes: int, free_bytes: int, weight_bytes: int, bytes_per_t
     except KVBudgetError as e:
         raise KVBudgetError(f"not enough GPU memory for the KV cache: {e} ({source})") from None
     return KVPlan(rows, capacity, bytes_per_token, budget, source)
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'7GiB', '7.5 GB', '512MiB', '8e9', '1073741824' -> bytes (GB = 10^9, GiB = 2^30)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ValueError(f"KV budget: expected a size such as 7GiB, 7.5GB or 8e9 bytes, "
-                         f"got {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def _gib(n: float) -> str:

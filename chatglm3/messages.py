@@ -231,3 +231,26 @@ def _json_type(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
              int: "a number", float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+def parse_stop_sequences(text: str) -> list[str]:
+    """'a,b\\,c' -> ['a', 'b,c']. Commas split; backslash escapes: \\, \\n \\t \\\\.
+
+    A backslash before any other character is kept as is; empty items are dropped.
+    """
+    escapes = {",": ",", "n": "\n", "t": "\t", "\\": "\\"}
+    items, cur, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text) and text[i + 1] in escapes:
+            cur.append(escapes[text[i + 1]])
+            i += 2
+            continue
+        if ch == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    return [s for s in items if s]

@@ -5,7 +5,8 @@ conversation again: turn n+1's input starts with turn n's prompt and answer, and
 one document share it. Recomputing that prefix is most of a turn's time to first token (seconds
 for 20k tokens), so the engine keeps the keys and values of finished requests and reuses them.
 
-Design (the engine does the tensor work, this module only the host-side records):
+Design (this module keeps the host-side records; rows.RowAllocator is its only caller and
+decides every row move, the model runner does the tensor work):
 - An entry is a KV cache row (kv_rows.KVRows) that no running request holds, with the token ids
   whose keys/values it holds at positions [0, len(ids)): a finished (or cancelled) request's
   prompt and answer, as far as they went through the model (the last sampled token has no
@@ -73,6 +74,9 @@ class PrefixCache:
 
     def __contains__(self, row: int) -> bool:
         return row in self._entries
+
+    def __len__(self) -> int:  # Engine.stats(), from any thread: one atomic read
+        return len(self._entries)
 
     def length(self, row: int) -> int:
         return len(self._entries[row].ids)

@@ -1,7 +1,8 @@
 """Shared test fixtures: paths into ../shared and the real ChatGLM3 tokenizer; the test tiers.
 
 Tiers: `scripts/test` runs everything (what CI runs); `scripts/test -m "not slow"` is the fast
-tier for the edit-test loop (unit and golden tests: no server, no subprocess CLI, no long prompt).
+tier for the edit-test loop (unit and golden tests: no server, no subprocess, no long prompt).
+Each slow test, or module (`pytestmark`), is marked `@pytest.mark.slow` where it is defined.
 Tests that read ../shared (the real tokenizer, the tiny checkpoint and the official outputs) are
 marked `shared`; without that folder they are skipped with the reason, except under CI
 (CI=true), where a missing ../shared is an error.
@@ -26,25 +27,9 @@ TOKENIZER_MODEL = SHARED / "chatglm3-tokenizer" / "tokenizer.model"
 GOLDEN = SHARED / "golden" / "tiny-32k"
 TINY_CKPT = GOLDEN / "ckpt"
 
-# Whole modules that start servers or subprocesses, or read ../shared outside fixtures.
-SLOW_MODULES = {"test_cog_server", "test_cog_image_env", "test_cli", "test_cli_first_hour",
-                "test_download", "test_download_resume", "test_cog_schema",
-                "test_prefix_cache", "test_oom", "test_kv_admission"}
-SHARED_MODULES = {"test_checkpoint", "test_cli", "test_cli_first_hour", "test_cog_server",
-                  "test_download", "test_prefill_buckets", "test_tokenizer", "test_predictor"}
+# Tests that take one of these fixtures read ../shared; modules that read it otherwise say so
+# with `pytestmark = pytest.mark.shared`. Slow tests carry `@pytest.mark.slow` themselves.
 SHARED_FIXTURES = {"tokenizer", "no_stop_tokenizer", "reference", "tiny_model_fp32"}
-# Single tests over a few seconds each (long prompts: the 6,118- and 16k-token ones, many lengths).
-SLOW_TESTS = {"test_prefill_shapes_are_bounded", "test_fp32_logits_match_official[long_chat]",
-              "test_sixteen_thousand_token_prompt", "test_stop_matcher_memory_is_linear",
-              "test_stop_matcher_long_stops_are_fast",
-              "test_each_input_acts_on_its_own_request_in_a_mixed_batch",
-              # the 6,118-token golden prompt
-              "test_alone_equals_official[2]", "test_padded_first_logits_match_official[2]",
-              "test_greedy_equals_official_generate[2]",
-              "test_batched_greedy_equals_alone_with_different_lengths",
-              "test_padded_batches_join_and_leave", "test_steps_read_what_their_furthest_row_needs",
-              "test_padded_equals_unpadded[3000]", "test_padded_equals_unpadded[2049]",
-              "test_positions_clamped_to_context"}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -54,11 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    module = lambda item: Path(str(item.fspath)).stem  # noqa: E731
     for item in items:
-        if module(item) in SLOW_MODULES or item.originalname in SLOW_TESTS or item.name in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)
-        if module(item) in SHARED_MODULES or SHARED_FIXTURES & set(item.fixturenames):
+        if SHARED_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.shared)
     if SHARED.is_dir():
         return

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from chatglm3.checkpoint import CheckpointError, glm_config, load_model
 from conftest import GOLDEN, TINY_CKPT, convert_to_safetensors
 
+pytestmark = pytest.mark.shared
+
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,8 @@ def last_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1]
 
 
-@pytest.mark.parametrize("name", ["short_chat", "medium_chat", "long_chat"])
+@pytest.mark.parametrize("name", ["short_chat", "medium_chat",
+                                  pytest.param("long_chat", marks=pytest.mark.slow)])
 def test_fp32_logits_match_official(tiny_model_fp32, reference: dict, ref_logits, name: str) -> None:
     prompt = next(p for p in reference["prompts"] if p["name"] == name)
     with torch.inference_mode():

@@ -1,28 +1,45 @@
-"""`python -m chatglm3` as a person uses it: real subprocesses on the shared tiny checkpoint."""
+"""`python -m chatglm3` as a person uses it, on the shared tiny checkpoint: run in this process
+(chatglm3.cli.main with its own stdin, stdout and stderr), since what these tests check is the
+command's behaviour, not process start-up; test_cli_first_hour.py runs real subprocesses where
+that is the point (Ctrl-C, scripts/run, pip install, loading messages)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
 
+from chatglm3 import cli as cli_module
 from chatglm3.params import CONTEXT, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
-from conftest import ROOT, TINY_CKPT
+from conftest import TINY_CKPT
+
+pytestmark = pytest.mark.shared
 
 TINY = ["--weights", str(TINY_CKPT), "--dtype", "float32"]
-# No network: a fetch attempt would fail fast instead of reaching out.
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
 
 
-def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chatglm3", *args], input=stdin, env=ENV,
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m chatglm3 ARGS`, in this process: its exit status and what it wrote."""
+    out, err = io.StringIO(), io.StringIO()
+    fake_stdin = io.TextIOWrapper(io.BytesIO((stdin or "").encode()), encoding="utf-8")
+    # No network: a fetch attempt would fail fast instead of reaching out.
+    with (mock.patch.dict(os.environ, HF_HUB_OFFLINE="1"), mock.patch.object(sys, "stdin", fake_stdin),
+          contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+        try:
+            code = cli_module.main(list(args))
+        except SystemExit as e:  # argparse's errors exit
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
+@pytest.mark.slow  # loads the model
 def test_generate_json_greedy_equals_official(reference: dict) -> None:
     prompt = reference["prompts"][0]
     assert prompt["query"] == "你好" and prompt["history"] == []
@@ -39,6 +56,7 @@ def test_generate_json_greedy_equals_official(reference: dict) -> None:
     assert record["output_token_count"] == 24 and record["input_token_count"] == 8
 
 
+@pytest.mark.slow  # loads the model twice
 def test_generate_streams_the_same_text_and_stops(reference: dict) -> None:
     ids = reference["prompts"][0]["greedy_generate"]["new_ids"]
     out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "24")
@@ -105,6 +123,7 @@ def test_bad_arguments_one_line_error(args: list[str], fragment: str) -> None:
     assert fragment in lines[0] and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # loads the model
 def test_chat_keeps_history_clear_and_stop() -> None:
     session = "你好\nTell me more\nclear\nhello again\nstop\nnever read\n"
     out = cli("chat", *TINY, "--max-tokens", "6", "--seed", "7", "--stats", stdin=session)
@@ -119,6 +138,7 @@ def test_chat_keeps_history_clear_and_stop() -> None:
     assert out.stdout.count("ChatGLM: ") == 3
 
 
+@pytest.mark.slow  # loads the model
 def test_chat_ends_on_end_of_input() -> None:
     out = cli("chat", *TINY, "--max-tokens", "3", stdin="hi\n")
     assert out.returncode == 0, out.stderr

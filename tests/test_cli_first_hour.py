@@ -1,6 +1,6 @@
 """A new user's first hour with `python -m chatglm3` and `scripts/run`: help texts that state
 params.py's limits, where the prompt comes from, Ctrl-C, relative paths, loading messages and
-`pip install -e .`. Real subprocesses on the shared tiny checkpoint, as in test_cli.py."""
+`pip install -e .`. Real subprocesses on the shared tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -23,7 +23,18 @@ from chatglm3 import params
 from chatglm3.messages import build_messages
 from chatglm3.tokenizer import ChatGLMTokenizer, Message
 from conftest import ROOT, TINY_CKPT, TOKENIZER_MODEL
-from test_cli import ENV, TINY, cli
+from test_cli import TINY
+
+# No network: a fetch attempt would fail fast instead of reaching out.
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m chatglm3 ARGS` as a real subprocess (what these tests are about)."""
+    return subprocess.run([sys.executable, "-m", "chatglm3", *args], input=stdin, env=ENV,
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared]  # subprocesses
 
 # A sampled run that goes on for hundreds of tokens on the tiny model (546 before it samples a
 # stop token; ~50 tokens/s on a 2-core CPU): something to interrupt.
@@ -94,8 +105,10 @@ def test_chat_help_has_sampling_but_no_prompt() -> None:
 def test_readme_chat_synopsis_lists_every_chat_option() -> None:
     readme = (ROOT / "README.md").read_text()
     synopsis = readme.split("python -m chatglm3 chat ", 1)[1].split("python -m chatglm3 generate", 1)[0]
-    model = {"--weights", "--device", "--dtype", "--decode-step", "--kv-budget", "--no-prefix-cache",
-             "--quantize", "--help"}  # the model options, listed once for chat and generate below the synopses
+    from chatglm3.settings import OPTIONS
+
+    # the model options (settings.py's), listed once for chat and generate below the synopses
+    model = {"--weights", "--help"} | {opt.flag for opt in OPTIONS}
     missing = [o for o in option_help("chat") if o not in model and o not in synopsis]
     assert not missing, missing
 

@@ -8,11 +8,14 @@ gives). The weights point nowhere: the device check must come before any downloa
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
 from cogserver import running_server
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a Cog server
 
 
 def test_setup_fails_within_seconds_naming_the_gpu_problem(tmp_path) -> None:

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # a subprocess
+
 SCHEMA_FILE = ROOT / ".cog" / "openapi_schema.json"
 
 

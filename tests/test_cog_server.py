@@ -21,6 +21,8 @@ from chatglm3.messages import build_messages
 from cogserver import Server, _call, _create, _sse, running_server
 from conftest import ROOT, TINY_CKPT
 
+pytestmark = [pytest.mark.slow, pytest.mark.shared]  # servers
+
 CONTEXT = 32768
 SLOTS = 8
 GREEDY = {"temperature": 0}

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, read_buckets
-from chatglm3.engine import Engine
+from chatglm3.engine import PREFILL_CHUNK, Engine
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
@@ -25,7 +25,10 @@ GREEDY = dict(temperature=0.0)
 
 @pytest.fixture(scope="module")
 def fixed(tiny_model_fp32, tokenizer):
-    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
+    # Whole prefill chunks beside decoding: the 6,118-token prompt then joins the others while
+    # they still decode, so the batches this module checks (3 padded to 4) form.
+    engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed",
+                    prefill_budget=PREFILL_CHUNK)
     yield engine
     engine.close()
 
@@ -37,7 +40,7 @@ def test_buckets() -> None:
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=pytest.mark.slow)])  # 2: 6,118 tokens
 def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
@@ -46,11 +49,12 @@ def test_alone_equals_official(fixed: Engine, reference: dict, index: int) -> No
     assert gen.result.output_ids == expected
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_padded_batches_join_and_leave(fixed: Engine, reference: dict) -> None:
     """Three requests (padded to a batch of 4), one of 6,118 tokens that grows the cache
     while the others decode, leaving at different times: each gives its official tokens."""
     assert_official_greedy(fixed, reference["prompts"], (24, 12, 18))
-    assert fixed._kv.rows == 4  # the padded shape ran (eager steps reserve 3 rows)
+    assert fixed.stats().kv_rows == 4  # the padded shape ran (eager steps reserve 3 rows)
 
 
 def test_more_requests_than_rows(fixed: Engine, reference: dict) -> None:
@@ -72,7 +76,7 @@ def test_failed_recording_falls_back_to_eager(tiny_model_fp32, tokenizer, refere
     """Recording needs CUDA, so on CPU it fails for real: the request still gets the official
     tokens and the engine says it decodes eagerly from then on."""
     engine = Engine(tiny_model_fp32, tokenizer, decode_step="fixed")
-    engine._fixed.record = True
+    engine.runner.fixed.record = True
     prompt = reference["prompts"][1]
     expected = prompt["greedy_generate"]["new_ids"]
     try:
@@ -80,7 +84,7 @@ def test_failed_recording_falls_back_to_eager(tiny_model_fp32, tokenizer, refere
             gen = engine.generate_ids(prompt["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
             gen.text()
         assert gen.result.output_ids == expected
-        assert engine._fixed is None
+        assert engine.runner.fixed is None
         assert "decoding eagerly" in caplog.text
     finally:
         engine.close()
@@ -147,17 +151,19 @@ def test_graph_count_is_batch_buckets_times_read_lengths() -> None:
         assert n <= b <= max(2 * n - 1, MIN_READ)
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_steps_read_what_their_furthest_row_needs(fixed: Engine, reference: dict) -> None:
     """Long and short requests come and go on the fixed-shape path (the graphs' shapes): every
     step reads at most twice its furthest row (256 positions at least), not the whole cache,
     which the 6,118-token prompt grew to 8,192 positions; and every request still gives its
     official tokens."""
-    kv = fixed._kv
+    kv = fixed.runner.kv
     steps: list[tuple[int, int, int]] = []  # (furthest row, positions read, capacity)
     prepare = kv.prepare_step
 
-    def counting(positions: torch.Tensor, read_len: int | None = None) -> torch.Tensor:
-        mask = prepare(positions, read_len)
+    def counting(positions: torch.Tensor, read_len: int | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        mask = prepare(positions, read_len, rows)
         steps.append((int(positions.max()) + 1, kv._read_len, kv.capacity))
         return mask
 
@@ -187,7 +193,7 @@ def test_warm_up_checks_fixed_steps_against_eager(tiny_model_fp32, tokenizer, re
     try:
         report = engine.warm_up(prefill=False)
         assert report.check == "fixed-shape steps give eager steps' greedy tokens"
-        assert report.decode_step == "fixed" and engine._fixed is not None
+        assert report.decode_step == "fixed" and engine.runner.fixed is not None
         assert_official_greedy(engine, [reference["prompts"][1]], [24])
     finally:
         engine.close()
@@ -198,13 +204,13 @@ def test_warm_up_falls_back_to_eager_when_graph_tokens_differ(tiny_model_fp32, t
     """A fixed path (on a GPU: graphs) that picks other tokens than eager steps must never
     serve: warm-up switches to eager steps and says why."""
     engine = Engine(tiny_model_fp32, tokenizer, max_batch=4, decode_step="fixed")
-    decoder = engine._fixed
+    decoder = engine.runner.fixed
     real = decoder._forward
     decoder._forward = lambda step: real(step).roll(1, dims=-1)  # wrong tokens, as a bad graph
     try:
         with caplog.at_level(logging.WARNING, logger="chatglm3.engine"):
             report = engine.warm_up(prefill=False)
-        assert engine._fixed is None and report.decode_step == engine.decode_step == "eager"
+        assert engine.runner.fixed is None and report.decode_step == engine.decode_step == "eager"
         assert "disagree with eager steps" in report.check and "step 1, row 1" in report.check
         assert "decoding eagerly: fixed-shape steps disagree with eager steps" in caplog.text
         assert_official_greedy(engine, [reference["prompts"][1]], [24])
@@ -215,11 +221,11 @@ def test_warm_up_falls_back_to_eager_when_graph_tokens_differ(tiny_model_fp32, t
 @pytest.mark.skipif(torch.cuda.is_available(), reason="recording must fail, so no CUDA")
 def test_warm_up_falls_back_when_recording_fails(tiny_model_fp32, tokenizer, caplog) -> None:
     engine = Engine(tiny_model_fp32, tokenizer, decode_step="fixed")
-    engine._fixed.record = True  # on CPU recording fails for real
+    engine.runner.fixed.record = True  # on CPU recording fails for real
     try:
         with caplog.at_level(logging.WARNING, logger="chatglm3.engine"):
             report = engine.warm_up(prefill=False)
-        assert engine._fixed is None and report.decode_step == "eager"
+        assert engine.runner.fixed is None and report.decode_step == "eager"
         assert report.check.startswith("graphs failed to set up: ")
         assert report.check.endswith("; decoding eagerly")
         assert "decoding eagerly: graphs failed to set up" in caplog.text

@@ -22,6 +22,8 @@ from chatglm3.download import (DEFAULT_REPO, DEFAULT_REVISION, WeightsError, res
 from conftest import TINY_CKPT, convert_to_safetensors
 from fakehub import FakeHub, Fault
 
+pytestmark = [pytest.mark.slow, pytest.mark.shared]  # download servers
+
 SHARD1 = "pytorch_model-00001-of-00002.bin"
 SHARD2 = "pytorch_model-00002-of-00002.bin"
 REMOTE_CODE = b"raise SystemExit('remote code must never run')\n"

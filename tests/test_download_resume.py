@@ -24,6 +24,8 @@ from conftest import ROOT, TINY_CKPT
 from fakehub import FakeHub, Fault
 from test_download import SHARD1, SHARD2, _env, _tar, assert_same_files, no_network  # noqa: F401
 
+pytestmark = pytest.mark.slow  # download servers
+
 ARCHIVE = "ckpt.tar"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 import threading
 
 import pytest
@@ -42,7 +43,7 @@ class ForwardCounter:
         self.handle.remove()
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=pytest.mark.slow)])  # 2: 6,118 tokens
 def test_greedy_equals_official_generate(engine: Engine, reference: dict, index: int) -> None:
     prompt = reference["prompts"][index]
     expected = prompt["greedy_generate"]["new_ids"]
@@ -243,6 +244,7 @@ def test_metrics(engine: Engine) -> None:
     assert 0 < r.time_to_first_token < 60 and r.tokens_per_second > 0
 
 
+@pytest.mark.slow  # a 16k-token prompt
 def test_sixteen_thousand_token_prompt(engine: Engine, tokenizer) -> None:
     text = "The quick brown fox 跳过了懒狗 🦊. " * 1200
     ids = tokenizer.build_chat_input(build_messages(text))
@@ -273,6 +275,7 @@ def test_async_iteration_of_concurrent_requests(engine: Engine, reference: dict)
     assert asyncio.run(main()) == alone * 3
 
 
+@pytest.mark.slow  # the 6,118-token prompt
 def test_batched_greedy_equals_alone_with_different_lengths(engine: Engine, reference: dict):
     """Requests of different prompt lengths decode in one batch, joining and leaving it at
     different times, and each still gives the official greedy continuation."""
@@ -296,11 +299,9 @@ def test_cancelling_one_request_leaves_the_others(engine: Engine, reference: dic
 def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, reference) -> None:
     """A decoding step runs the same number of device ops for 1 request as for 4 (the batch's
     tokens go to the device, and into the id history, in one op each; they used to be
-    written one request at a time), driven here on the test's thread without the worker."""
+    written one request at a time), driven here on the test's thread without the worker:
+    the scheduler plans, the model runner runs, the output processor takes the tokens."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from chatglm3.engine import GenerationResult, _Request
-    from chatglm3.sampling import RequestSampling
 
     class CountOps(TorchDispatchMode):
         def __init__(self) -> None:
@@ -313,22 +314,65 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
 
     def ops_for(batch: int) -> int:
         other = Engine(engine.model, engine.tokenizer, max_batch=4)
-        running = []
+        sched, runner, output = other.scheduler, other.runner, other.output
+
+        def step() -> None:
+            tokens = runner.decode(sched.running)
+            assert not any(output.take(r, t) for r, t in zip(sched.running, tokens))
+
         with torch.inference_mode():
             for i in range(batch):
                 ids = reference["prompts"][0]["input_ids"] + [100 + i]
-                params = SamplingParams(max_tokens=10, **GREEDY)
-                r = _Request(ids, RequestSampling(params), GenerationResult(max_tokens=10),
-                             engine.tokenizer, other.device)
-                while not other._prefill_step(r):
-                    pass
-                assert not other._finished_after(r, r.prefill_token)
-                other._admit(r, running)
-            other._decode_step(running)  # shapes met once
+                sched.add(other.prepare(ids, SamplingParams(max_tokens=10, **GREEDY)))
+                token = None
+                while token is None:
+                    chunk = sched.schedule().prefill
+                    token = runner.prefill(chunk, chunk.request.reuse)
+                    sched.prefilled(chunk)
+                assert not output.take(chunk.request, token)
+                runner.admit(chunk.request, *sched.end_prefill(chunk.request, admit=True))
+            step()  # shapes met once
             with CountOps() as count:
-                other._decode_step(running)
-        assert [len(r.result.output_ids) for r in running] == [3] * batch
+                step()
+        assert [len(r.output_ids) for r in sched.running] == [3] * batch
         other.close()
         return count.ops
 
     assert ops_for(1) == ops_for(4)
+
+
+def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_tokenizer) -> None:
+    """While a request decodes, a 2,000-token prompt prefills 512 tokens a step (a running
+    stream then waits a quarter as long); alone it runs whole chunks; either way its tokens
+    are those of whole-chunk scheduling."""
+    from transformers import DynamicCache
+
+    rng = random.Random(4)
+    long = [rng.randrange(100, 60000) for _ in range(2000)]
+    short = [rng.randrange(100, 60000) for _ in range(20)]
+    outputs = {}
+    for budget in (512, 2048):
+        engine = Engine(tiny_model_fp32, no_stop_tokenizer, prefill_budget=budget)
+        chunks: list[int] = []
+        hook = engine.model.register_forward_pre_hook(
+            lambda _m, _a, kw: chunks.append(kw["input_ids"].shape[1])
+            if isinstance(kw.get("cache"), DynamicCache) else None, with_kwargs=True)
+        try:
+            alone = engine.generate_ids(long, SamplingParams(max_tokens=2, **GREEDY))
+            alone.text()
+            assert chunks == [2048]  # alone: one whole chunk (2,000 tokens, padded)
+            chunks.clear()
+            running = engine.generate_ids(short, SamplingParams(max_tokens=30000, **GREEDY))
+            it = iter(running)
+            next(it)  # it decodes now, for as long as the test needs
+            beside = engine.generate_ids(long, SamplingParams(max_tokens=2, **GREEDY))
+            beside.text()
+            running.cancel()
+            list(it)
+            assert chunks[0] == 24  # the short prompt, padded
+            assert chunks[1:] == ([2048] if budget == 2048 else [512] * 4)
+            outputs[budget] = (alone.result.output_ids, beside.result.output_ids)
+        finally:
+            hook.remove()
+            engine.close()
+    assert outputs[512] == outputs[2048]

@@ -14,6 +14,8 @@ from chatglm3.kv_rows import KVBudgetError
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row
@@ -26,14 +28,14 @@ class AdmitLog:
     def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.prompts: list[list[int]] = []
         self.most_running = 0
-        admit = engine._admit
+        admit = engine.runner.admit
 
-        def spy(r, running) -> None:
+        def spy(r, row, moves) -> None:
             self.prompts.append(r.prompt)
-            admit(r, running)
-            self.most_running = max(self.most_running, len(running))
+            admit(r, row, moves)
+            self.most_running = max(self.most_running, len(engine.scheduler.running))
 
-        monkeypatch.setattr(engine, "_admit", spy)
+        monkeypatch.setattr(engine.runner, "admit", spy)
 
 
 def test_planned_cache_is_allocated_once_and_bounds_the_batch(tiny_model_fp32, tokenizer):
@@ -41,7 +43,8 @@ def test_planned_cache_is_allocated_once_and_bounds_the_batch(tiny_model_fp32, t
     try:
         assert (engine.kv_plan.rows, engine.kv_plan.capacity) == (3, 32768)
         assert engine.max_batch == 3
-        assert (engine._kv.rows, engine._kv.capacity, engine._kv.growable) == (3, 32768, False)
+        stats = engine.stats()
+        assert (stats.kv_rows, stats.kv_capacity, stats.kv_growable) == (3, 32768, False)
         assert "3 rows x 32,768 positions = 0.19 GiB" in str(engine.kv_plan)
     finally:
         engine.close()
@@ -147,7 +150,7 @@ def test_closing_ends_waiting_requests(tiny_model_fp32, no_stop_tokenizer, refer
 def test_cpu_default_still_grows(tiny_model_fp32, tokenizer) -> None:
     engine = Engine(tiny_model_fp32, tokenizer)
     try:
-        assert engine.kv_plan is None and engine._kv.growable
+        assert engine.kv_plan is None and engine.stats().kv_growable
         assert engine.device == torch.device("cpu")
     finally:
         engine.close()
@@ -177,7 +180,7 @@ def test_gpu_plan_measures_the_worst_prefill_chunk(tiny_model_fp32, tokenizer, m
                                           kw["cache"].get_seq_length()))
         if isinstance(kw.get("cache"), DynamicCache) else None, with_kwargs=True)
     try:
-        plan = engine._plan_from_gpu_memory(2048, max_batch=8)
+        plan = engine.runner.plan_from_gpu_memory(2048, max_batch=8)
     finally:
         hook.remove()
         engine.close()

@@ -20,10 +20,10 @@ from chatglm3.kv_rows import (
     KVPlan,
     kv_budget_from_memory,
     kv_bytes_per_token,
-    parse_bytes,
     plan_kv,
     plan_rows,
 )
+from chatglm3.settings import parse_bytes
 
 GiB, MiB = 2**30, 2**20
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 28, 4096, 32, 2, 128, 13696, 65024

@@ -14,6 +14,8 @@ from chatglm3.engine import Engine, OutOfMemory
 from chatglm3.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 
 
@@ -52,7 +54,7 @@ def test_out_of_memory_in_prefill_fails_that_request(tiny_model_fp32, tokenizer,
     try:
         chunks = []
         FailOnce(engine.model, monkeypatch,
-                 lambda kw: is_prefill(kw) and kw["position_ids"].shape[1] >= 2048
+                 lambda kw: is_prefill(kw) and kw["position_ids"].shape[1] >= 512  # its chunks
                  and chunks.append(1) is None and len(chunks) == 2)
         short, long = reference["prompts"][0], reference["prompts"][2]
         keep = engine.generate_ids(short["input_ids"], SamplingParams(max_tokens=24, **GREEDY))
@@ -100,7 +102,7 @@ def test_out_of_memory_in_a_decoding_step_fails_its_requests(tiny_model_fp32, to
             assert gen.result.stop_reason == "error"
             done = gen.result.output_ids  # the tokens before the step that failed
             assert done == p["greedy_generate"]["new_ids"][: len(done)]
-        assert (engine._kv.rows, engine._kv.capacity) == (1, 256)  # what they grew is freed
+        assert (engine.stats().kv_rows, engine.stats().kv_capacity) == (1, 256)  # what they grew is freed
         official(engine, prompts[1])
         official(engine, reference["prompts"][2], 12)
     finally:
@@ -113,13 +115,13 @@ def test_out_of_memory_with_a_planned_cache(tiny_model_fp32, tokenizer, referenc
     the next request gets the row and its official tokens."""
     engine = Engine(tiny_model_fp32, tokenizer, kv_budget_bytes=2 * 32768 * 2048)
     try:
-        addresses = [t.data_ptr() for t in engine._kv.keys]
+        addresses = [t.data_ptr() for t in engine.runner.kv.keys]
         FailOnce(engine.model, monkeypatch, lambda kw: isinstance(kw.get("cache"), KVRows))
         gen = engine.generate_ids(reference["prompts"][1]["input_ids"],
                                   SamplingParams(max_tokens=24, **GREEDY))
         with pytest.raises(OutOfMemory, match="during a decoding step of 1 request;"):
             gen.text()
-        assert [t.data_ptr() for t in engine._kv.keys] == addresses
+        assert [t.data_ptr() for t in engine.runner.kv.keys] == addresses
         official(engine, reference["prompts"][1])
     finally:
         engine.close()

@@ -17,11 +17,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-import chatglm3.engine as engine_module
+import chatglm3.model_runner as engine_module
 from chatglm3.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine, prefill_bucket
 from chatglm3.params import SamplingParams
 
 from conftest import GOLDEN
+
+pytestmark = pytest.mark.shared
 
 GREEDY = dict(temperature=0.0)
 NO_BUCKETS = tuple(range(1, PREFILL_CHUNK + 1))  # every length its own "bucket": no padding
@@ -97,6 +99,7 @@ def test_buckets() -> None:
         assert b <= max(PREFILL_BUCKETS[0], 1.5 * n)  # padding adds at most half
 
 
+@pytest.mark.slow  # 40 prompts up to ~5,000 tokens
 def test_prefill_shapes_are_bounded(engine: Engine) -> None:
     """40 prompt lengths from 5 to ~5000 tokens, each with a different last-chunk length."""
     lengths = [5 + 127 * i for i in range(40)]
@@ -114,7 +117,8 @@ def test_prefill_shapes_are_bounded(engine: Engine) -> None:
     assert all((k - q[1]) % PREFILL_CHUNK == 0 for q, k in zip(rec.shapes, rec.key_lengths))
 
 
-@pytest.mark.parametrize("n", [5, 16, 337, 1536, 2048, 2049, 3000])
+@pytest.mark.parametrize("n", [5, 16, 337, 1536, 2048, *[pytest.param(n, marks=pytest.mark.slow)
+                                                       for n in (2049, 3000)]])
 def test_padded_equals_unpadded(engine: Engine, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """Lengths below the smallest bucket, exactly at buckets (16, 1536), at the chunk size and
     one past it (the last chunk is 1 token, padded to 16): the same tokens and first logits."""
@@ -126,7 +130,7 @@ def test_padded_equals_unpadded(engine: Engine, monkeypatch: pytest.MonkeyPatch,
     torch.testing.assert_close(padded_logits, plain_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, pytest.param(2, marks=pytest.mark.slow)])  # 2: 6,118 tokens
 def test_padded_first_logits_match_official(engine: Engine, reference: dict, index: int) -> None:
     """The official prompts (8, 337 and 6,118 tokens: every one ends in a padded chunk)."""
     prompt = reference["prompts"][index]
@@ -139,6 +143,7 @@ def test_padded_first_logits_match_official(engine: Engine, reference: dict, ind
     assert float((logits - ref).norm() / ref.norm()) < 1e-4
 
 
+@pytest.mark.slow  # a 2,900-token prompt
 def test_positions_clamped_to_context(tiny_model_fp32, no_stop_tokenizer,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """With a context that is no multiple of the chunk size, a padded last chunk runs past it:
@@ -168,15 +173,15 @@ def _admitted_caches(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[tu
     """Captures (prompt length, per-layer keys, per-layer values) of each prefilled cache as
     the engine hands it to decoding."""
     seen: list[tuple] = []
-    admit = engine._admit
+    admit = engine.runner.admit
 
-    def spy(r, running) -> None:
-        layers = r.prefill_cache.layers
+    def spy(r, row, moves) -> None:
+        layers = r.tensors.cache.layers
         seen.append((len(r.prompt), [layer.keys.clone() for layer in layers],
                      [layer.values.clone() for layer in layers]))
-        admit(r, running)
+        admit(r, row, moves)
 
-    monkeypatch.setattr(engine, "_admit", spy)
+    monkeypatch.setattr(engine.runner, "admit", spy)
     return seen
 
 

@@ -22,6 +22,8 @@ from chatglm3.prefix_cache import ALIGN, PrefixCache, as_ids, common_prefix
 from chatglm3.tokenizer import Message
 from conftest import consume_together
 
+pytestmark = pytest.mark.slow  # long prompts
+
 GREEDY = dict(temperature=0.0)
 PER_TOKEN = 2048  # the tiny checkpoint in fp32: 2 (k, v) x 2 layers x 2 heads x 64 x 4 bytes
 ROW = 32768 * PER_TOKEN  # one whole-context row
@@ -236,7 +238,7 @@ def test_least_recently_used_goes_first(make_engine, no_stop_tokenizer) -> None:
     """4 planned rows, one request at a time: four entries fill them; a request reusing the
     oldest (A) makes B the least recently used, so B goes first, then C."""
     engine = make_engine(no_stop_tokenizer, max_batch=1, kv_budget_bytes=4 * ROW)
-    assert engine._kv.rows == 4 and engine.max_batch == 1
+    assert engine.stats().kv_rows == 4 and engine.max_batch == 1
     prompts = {name: random_ids(40 + 10 * i, seed=i) for i, name in enumerate("ABCD")}
     for ids in prompts.values():
         assert run(engine, ids, 4).cached_input_token_count == 0
@@ -258,13 +260,13 @@ def test_a_full_cache_never_makes_a_request_wait(make_engine, no_stop_tokenizer,
         run(engine, random_ids(100, seed), 3)
     assert len(engine.prefix_cache_entries()) == 2
     most = []
-    admit = engine._admit
+    admit = engine.runner.admit
 
-    def spy(r, running) -> None:
-        admit(r, running)
-        most.append(len(running))
+    def spy(r, row, moves) -> None:
+        admit(r, row, moves)
+        most.append(row + 1)
 
-    monkeypatch.setattr(engine, "_admit", spy)
+    monkeypatch.setattr(engine.runner, "admit", spy)
     ids = [random_ids(300, 3), random_ids(200, 4)]
     gens = [engine.generate_ids(x, SamplingParams(max_tokens=40, **GREEDY)) for x in ids]
     consume_together(gens)
@@ -377,7 +379,7 @@ def test_concurrent_conversations(make_engine, off, reference, setup: str) -> No
     (max_batch 2: one row is for entries alone) or a growing cache: exact, and each hits."""
     kwargs = dict(max_batch=2, kv_budget_bytes=3 * ROW) if setup == "planned" else {}
     engine = make_engine(**kwargs)
-    assert engine._kv.growable == (setup == "growing")
+    assert engine.stats().kv_growable == (setup == "growing")
     prompts = reference["prompts"]
     firsts = [run(engine, p["input_ids"], 16) for p in prompts]
     follow = [follow_up(engine, build_messages(p["query"], history=p["history"]),
@@ -393,19 +395,21 @@ def test_concurrent_conversations(make_engine, off, reference, setup: str) -> No
     assert hits[0] == 0
     if setup == "growing":  # room for every entry
         assert hits[1:] == [(len(p["input_ids"]) // ALIGN * ALIGN) for p in prompts[1:]]
-    assert len(engine.prefix_cache_entries()) <= engine._kv.rows
+    assert len(engine.prefix_cache_entries()) <= engine.stats().kv_rows
 
 
 def test_padding_rows_leave_entries_intact(make_engine, no_stop_tokenizer, off_no_stop) -> None:
     """Fixed-shape decoding pads a batch of 3 to 4 rows; the 4th holds an entry: its keys and
-    values must come out unchanged, and reusing it must stay exact."""
-    engine = make_engine(no_stop_tokenizer, max_batch=4, kv_budget_bytes=4 * ROW,
+    values must come out unchanged (the padding row writes to the scratch row, the plan's
+    fifth), and reusing it must stay exact."""
+    engine = make_engine(no_stop_tokenizer, max_batch=4, kv_budget_bytes=5 * ROW,
                          decode_step="fixed")
+    assert engine.max_batch == 4 and engine.rows.scratch == 4 and engine.rows.limit == 4
     prompts = [random_ids(60 + 20 * i, seed=20 + i) for i in range(4)]
     for ids in prompts:
         run(engine, ids, 3)
     (row, n), = [e for e in engine.prefix_cache_entries() if e[1] == 122]  # prompts[3]
-    snapshot = [k[row, :, :n].clone() for k in engine._kv.keys]
+    snapshot = [k[row, :, :n].clone() for k in engine.runner.kv.keys]
     # Three at once (decoding pads them to 4 rows): the three oldest entries give way, the
     # newest (prompts[3]) stays, in row 3: a padding row while the three decode.
     gens = [engine.generate_ids(random_ids(30, seed=30 + i), SamplingParams(max_tokens=20,
@@ -414,7 +418,7 @@ def test_padding_rows_leave_entries_intact(make_engine, no_stop_tokenizer, off_n
     consume_together(gens)
     entries = dict((n, row) for row, n in engine.prefix_cache_entries())
     assert entries[122] == 3
-    assert all(torch.equal(k[3, :, :122], s) for k, s in zip(engine._kv.keys, snapshot))
+    assert all(torch.equal(k[3, :, :122], s) for k, s in zip(engine.runner.kv.keys, snapshot))
     ids = prompts[3] + [7, 8, 9]
     got = run(engine, ids, 8)
     assert got.cached_input_token_count == 112
@@ -467,7 +471,9 @@ def test_env_switch(monkeypatch) -> None:
         seen.update(kwargs)
         raise Stop
 
-    monkeypatch.setattr(predict.Engine, "from_pretrained", from_pretrained)
+    from chatglm3.engine import Engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
     monkeypatch.setattr(predict.coglet_cancel, "install", lambda: None)
     monkeypatch.setattr(predict.coglet_cancel, "check_coglet_version", lambda: None)
     monkeypatch.setattr(predict, "resolve_weights", lambda *a, **k: "/nowhere")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm3 import cli
+from chatglm3 import cli, settings
 from chatglm3.checkpoint import load_model
 from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
@@ -90,7 +90,7 @@ def engine_fp32(request, tokenizer):
 # ---- the modes and what they replace ----
 
 def test_modes_and_the_cli_choices() -> None:
-    assert MODES == cli.QUANTIZE_MODES == ("none", "int8", "int4")
+    assert MODES == settings.QUANTIZE_MODES == ("none", "int8", "int4")
     with pytest.raises(ValueError, match="quantize: expected one of none, int8, int4, got 'q4'"):
         check_mode("q4")
     with pytest.raises(ValueError, match="quantize"):
@@ -375,6 +375,6 @@ def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
     monkeypatch.setenv("CHATGLM3_QUANTIZE", "int3")
     monkeypatch.setattr(predict, "resolve_weights",
                         lambda *a, **k: pytest.fail("fetched despite a bad CHATGLM3_QUANTIZE"))
-    with pytest.raises(ValueError, match="CHATGLM3_QUANTIZE: quantize: expected one of none, "
+    with pytest.raises(ValueError, match="CHATGLM3_QUANTIZE: expected one of none, "
                                          "int8, int4, got 'int3'"):
         predict.Predictor().setup(weights=str(TINY_CKPT))

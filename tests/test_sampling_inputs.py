@@ -77,6 +77,7 @@ def _together(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) 
     return [g.result.output_ids for g in gens]
 
 
+@pytest.mark.slow  # many requests
 def test_each_input_acts_on_its_own_request_in_a_mixed_batch(engine: Engine, reference) -> None:
     stops = _chat(reference, "ends_on_stop_id")  # greedy ends on a stop token after 26 tokens
     official = stops["raw_generated_ids"][:-1]

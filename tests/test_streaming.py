@@ -471,6 +471,7 @@ def noise(rng: random.Random, n: int) -> str:
 
 
 @pytest.mark.parametrize("n_stops, stop_len", [(1, 10_000), (16, 2_000), (1, 100_000)])
+@pytest.mark.slow  # stop strings of 10^4-10^5 characters
 def test_stop_matcher_memory_is_linear(n_stops: int, stop_len: int) -> None:
     # Smaller than below: tracemalloc traces every int the construction makes, 20-30x slower.
     if n_stops * stop_len > 10_000:
@@ -480,6 +481,7 @@ def test_stop_matcher_memory_is_linear(n_stops: int, stop_len: int) -> None:
 
 
 @pytest.mark.parametrize("n_stops, stop_len", [(1, 200_000), (16, 100_000)])
+@pytest.mark.slow  # stop strings of 10^5 characters
 def test_stop_matcher_long_stops_are_fast(n_stops: int, stop_len: int) -> None:
     assert_small_construction_is_linear()
     rng = random.Random(n_stops)

@@ -10,6 +10,8 @@ from chatglm3.messages import build_messages, parse_history
 from chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, Message
 from conftest import GOLDEN, TOKENIZER_MODEL
 
+pytestmark = pytest.mark.shared
+
 
 def test_special_token_ids(tokenizer: ChatGLMTokenizer) -> None:
     assert tokenizer.n_pieces == 64789

@@ -1,0 +1,38 @@
+"""The errors a request can fail with (the engine raises them; servers map them to answers)."""
+
+from __future__ import annotations
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit the context window; carries both counts. `chars` set: the
+    count is a lower bound from the text's length, found without tokenizing it."""
+
+    def __init__(self, prompt_tokens: int, context: int, chars: int | None = None) -> None:
+        self.prompt_tokens, self.context = prompt_tokens, context
+        size = (f"is {prompt_tokens} tokens" if chars is None else
+                f"is {chars} characters, so at least {prompt_tokens} tokens")
+        super().__init__(
+            f"prompt too long: the prompt {size}, but the model's context is "
+            f"{context} tokens and needs room for at least one generated token "
+            f"(shorten the prompt or history by {'at least ' if chars else ''}"
+            f"{prompt_tokens - context + 1} tokens)"
+        )
+
+
+class RequestTooLarge(ValueError):
+    """The request's worst case (prompt + max_tokens) exceeds a KV cache row as planned at
+    setup: it could never run, even alone. Carries both numbers."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, capacity: int) -> None:
+        self.worst_case, self.capacity = prompt_tokens + max_tokens, capacity
+        fix = (f"lower max_tokens to at most {capacity - prompt_tokens}" if prompt_tokens < capacity
+               else f"shorten the prompt to under {capacity} tokens")
+        super().__init__(
+            f"request too large for this server's KV cache: the prompt ({prompt_tokens} tokens) "
+            f"plus max_tokens ({max_tokens}) needs up to {self.worst_case} positions, but a "
+            f"cache row holds {capacity} (sized at setup from the memory there is); {fix}")
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory during one request's prefill or one decoding step: those
+    requests fail with this, the engine frees what they held and serves on."""

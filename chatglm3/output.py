@@ -1,0 +1,177 @@
+"""The output processor: sampled token ids in, streamed text and a final record out.
+
+Per request it keeps the detokenizer, the stop-string matcher, the result (GenerationResult)
+and its timings, and the queue its consumer reads. `take(request, token)` applies the stop
+rules (stop tokens end a request without entering its output; stop strings cut the text right
+before them; max_tokens) and says whether the request is done. (min_tokens acts earlier, on
+the logits: sampling.RequestSampling.adjust holds stop tokens back until that many are out.)
+
+Where it runs: on the engine's step thread, right after each decoding step, for every row.
+Why not off it (vLLM's frontend process): its share of a step is small next to the step
+itself (bench/output_share.py: see the README's "How it works" for the measured share), and a
+separate thread would need a hand-off per token and still the GIL; running it inline keeps a
+request's stop decision in the same step that sampled the token, so a stopped request never
+runs one step more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+
+from .streaming import IncrementalDetokenizer, StopMatcher
+from .tokenizer import ChatGLMTokenizer
+
+if TYPE_CHECKING:
+    from .scheduler import Request
+
+
+@dataclass
+class GenerationResult:
+    """What a finished (or cancelled) generation did."""
+
+    text: str = ""
+    input_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # stop_token | stop_sequence | max_tokens | cancelled | error
+    input_token_count: int = 0
+    cached_input_token_count: int = 0  # input positions reused from the prefix cache, not run
+    output_token_count: int = 0
+    time_to_first_token: float = 0.0
+    tokens_per_second: float = 0.0
+    max_tokens: int = 0  # the limit applied, after cutting to the room left in the context
+    max_tokens_cut: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_END = object()
+
+
+class OutputStream:
+    """One request's text on its way out: deltas in a queue its consumer reads (from any
+    thread; an asyncio consumer sets `wake`), then _END or an error."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer, result: GenerationResult,
+                 stop: list[str]) -> None:
+        self.result = result
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stops = StopMatcher(stop)
+        self.out: queue.SimpleQueue = queue.SimpleQueue()
+        self.pieces: list[str] = []
+        self.submitted = time.perf_counter()
+        self.first_token_at = self.last_token_at = self.submitted
+        self.wake: Callable[[], None] | None = None
+
+    def emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            self.out.put(text)
+            if self.wake is not None:
+                self.wake()
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None:
+        r = self.result
+        if not r.stop_reason:
+            r.stop_reason = reason
+        r.text = "".join(self.pieces)
+        r.output_token_count = len(r.output_ids)
+        decoded = r.output_token_count - 1
+        span = self.last_token_at - self.first_token_at
+        r.tokens_per_second = decoded / span if decoded > 0 and span > 0 else 0.0
+        self.out.put(error if error is not None else _END)
+        if self.wake is not None:
+            self.wake()
+
+
+class OutputProcessor:
+    """Stop rules and text for every request (the step thread alone calls `take`)."""
+
+    def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = tokenizer.stop_ids
+
+    def take(self, r: "Request", token: int) -> bool:
+        """r's next token; True when r has finished with it (its stream then closed)."""
+        s: OutputStream = r.output
+        result = s.result
+        r.kv_len = r.length  # the step that chose `token` ran every position up to here
+        s.last_token_at = time.perf_counter()
+        if not result.output_ids and not result.time_to_first_token:
+            s.first_token_at = s.last_token_at
+            result.time_to_first_token = s.first_token_at - s.submitted
+        if token in self.stop_ids:
+            return self._end(s, "stop_token")
+        r.take(token)  # into result.output_ids: the request's list is the result's
+        s.emit(s.stops.push(s.detok.push(token)))
+        if s.stops.stopped:
+            s.finish("stop_sequence")
+            return True
+        if len(result.output_ids) >= result.max_tokens:
+            return self._end(s, "max_tokens")
+        return False
+
+    @staticmethod
+    def _end(s: OutputStream, reason: str) -> bool:
+        """Releases the text held back for UTF-8 or stop matching, then closes the stream."""
+        tail = s.stops.push(s.detok.flush())
+        s.emit(tail if s.stops.stopped else tail + s.stops.flush())
+        s.finish("stop_sequence" if s.stops.stopped else reason)
+        return True
+
+
+class Generation:
+    """One request's stream: iterate (or async-iterate) for text deltas; `result` when done."""
+
+    def __init__(self, request: "Request") -> None:
+        self._request = request
+        self._stream: OutputStream = request.output
+        self.result = self._stream.result
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            while True:
+                item = self._stream.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:  # a consumer that walks away stops the computation too
+            self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """Async iteration: the worker wakes this event loop; no thread waits per stream."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._stream.wake = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                ready.clear()
+                try:
+                    item = self._stream.out.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stops this request's forward passes before its next step, or takes it out of the
+        queue if it is still waiting for a cache row (from any thread)."""
+        self._request.cancelled.set()
+
+    def text(self) -> str:
+        """Runs to the end and returns the whole text."""
+        return "".join(self)
+
