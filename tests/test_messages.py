@@ -164,10 +164,13 @@ def test_cap_admits_the_longest_text_the_context_can_hold() -> None:
     "[" * (MAX_HISTORY_CHARS + 1),  # the size cap, before any scan
 ], ids=["open", "pairs", "strings", "empty-strings", "backslashes", "non-ascii", "over-cap"])
 def test_rejecting_8_mb_is_fast(history: str) -> None:
+    """Linear work: ~0.1 s on a quiet 2-core machine. The bound is loose on purpose (a loaded CI
+    machine took 1.07 s): it catches quadratic or recursive scans (hours for 8 MB), not speed,
+    which bench/ measures."""
     start = time.perf_counter()
     with pytest.raises(HistoryError, match="^history: "):
         parse_history(history)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0
 
 
 # --- text that is not Unicode ---------------------------------------------------------------
