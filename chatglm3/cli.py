@@ -169,6 +169,15 @@ def build_parser() -> OneLineParser:
                    description="Print the chat input ids (the official build_chat_input) as "
                                "JSON; needs only the tokenizer.")
 
+    from .api import serve  # its flags only: no web framework or torch import here
+
+    srv = sub.add_parser("serve", parents=[model, runtime],
+                         help="an OpenAI-compatible API (and chat page) on one batched engine",
+                         description="Serve /v1/chat/completions, /v1/completions, /v1/models "
+                                     "and /health (OpenAI's API) on one engine: concurrent "
+                                     "requests share decoding steps.")
+    serve.add_arguments(srv)
+
     dl = sub.add_parser("download", help="fetch the weights with progress",
                         description="Fetch and verify a checkpoint; prints its directory.")
     dl.add_argument("--revision", default=None,
@@ -420,5 +429,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history += [Message("user", query), Message("assistant", answer.strip())]
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api.serve import cmd_serve as run
+
+    return run(args)
+
+
 COMMANDS = {"chat": cmd_chat, "generate": cmd_generate, "encode": cmd_encode,
-            "download": cmd_download}
+            "download": cmd_download, "serve": cmd_serve}

@@ -59,6 +59,8 @@ class EngineStats:
     waiting: int
     running: int
     prefix_entries: int
+    decode_steps: int  # decoding steps run since the start
+    decoded_tokens: int  # tokens those steps made: / decode_steps = the mean batch
 
 
 class Engine:
@@ -131,6 +133,7 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # run by the worker
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._steps = self._decoded = 0  # stats(): decoding steps and the tokens they made
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, device: str | torch.device = "auto",
@@ -193,7 +196,8 @@ class Engine:
         return EngineStats(self.max_batch, kv.rows, kv.capacity, kv.growable, self.decode_step,
                            len(self.scheduler.waiting) + self._pending,
                            len(self.scheduler.running),
-                           len(self.rows.prefix) if self.rows.prefix is not None else 0)
+                           len(self.rows.prefix) if self.rows.prefix is not None else 0,
+                           self._steps, self._decoded)
 
     def prefix_cache_entries(self) -> list[tuple[int, int]]:
         """The cached entries as (cache row, positions held), least recently used first.
@@ -368,11 +372,11 @@ class Engine:
                 r.output.result.cached_input_token_count = r.reuse[1]
                 log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
                           len(r.prompt), r.reuse[0])
-            token = self.runner.prefill(chunk, r.reuse)
+            first = self.runner.prefill(chunk, r.reuse)
             sched.prefilled(chunk)
-            if token is None:
+            if first is None:
                 return
-            if self.output.take(r, token):
+            if self.output.take(r, *first):
                 # Done at its first token (max_tokens 1, a stop token): still worth keeping.
                 self._end_prefill(r, None)
                 return
@@ -419,9 +423,11 @@ class Engine:
                 r.output.finish("cancelled")
             if not sched.running:
                 return
-            tokens = self.runner.decode(sched.running)
+            tokens, logprobs = self.runner.decode(sched.running)
+            self._steps += 1
+            self._decoded += len(tokens)
             for i, token in reversed(list(enumerate(tokens))):
-                if self.output.take(sched.running[i], token):
+                if self.output.take(sched.running[i], token, logprobs and logprobs[i]):
                     self.runner.apply(sched.finished(i))
             return
         except torch.OutOfMemoryError:

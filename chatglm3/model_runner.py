@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from .decode_graphs import FixedShapeDecoder, decode_logits
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .rows import Move
-from .sampling import pick
+from .sampling import TokenLogprob, pick, token_logprobs
 from .scheduler import PrefillChunk, Request
 
 from .settings import DECODE_STEPS, PREFILL_CHUNK
@@ -132,10 +132,12 @@ class ModelRunner:
 
     # ---- prefill ----
 
-    def prefill(self, chunk: PrefillChunk, reuse: tuple[int, int] = (-1, 0)) -> int | None:
+    def prefill(self, chunk: PrefillChunk, reuse: tuple[int, int] = (-1, 0)
+                ) -> tuple[int, TokenLogprob | None] | None:
         """Runs one chunk of a request's prompt; at its last chunk, returns the first token
-        picked from the prompt's logits. `reuse` (row, n): on the first chunk, start from
-        positions [0, n) of that prefix cache row."""
+        picked from the prompt's logits (and its log-probabilities, if the request asks for
+        them). `reuse` (row, n): on the first chunk, start from positions [0, n) of that
+        prefix cache row."""
         r = chunk.request
         if r.tensors is None:
             r.tensors = _Prefill(r.prompt, self.device, self.model.config)
@@ -147,7 +149,9 @@ class ModelRunner:
                                     chunk.begin)
         if not chunk.last:
             return None
-        return pick(logits, [r.sampling], [t.prompt_ids]).item()
+        token = pick(logits, [r.sampling], [t.prompt_ids])
+        logprobs = token_logprobs(logits, token, [r.sampling])
+        return token.item(), logprobs[0] if logprobs else None
 
     def prefill_chunk(self, chunk: torch.Tensor, cache: DynamicCache, begin: int) -> torch.Tensor:
         """Runs prompt tokens `chunk` [1, n] at positions begin.. into `cache`, padded to a
@@ -194,9 +198,11 @@ class ModelRunner:
 
     # ---- decoding ----
 
-    def decode(self, running: list[Request]) -> list[int]:
+    def decode(self, running: list[Request]
+               ) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """One decoding step of the running requests (running[i] in row i): their next tokens,
-        also written into the id history."""
+        also written into the id history, and their log-probabilities (None when no request
+        asks for them)."""
         batch = len(running)
         # Each row's last token and its position, to the device in one copy.
         step = torch.tensor([[r.last_token for r in running], [r.length - 1 for r in running]],
@@ -224,7 +230,7 @@ class ModelRunner:
                        else None for i, r in enumerate(running)])
         # The batch's new tokens into the id history: one device op, whatever the batch.
         history[self._row_index[:batch], positions + 1] = picked
-        return picked.tolist()
+        return picked.tolist(), token_logprobs(logits, picked, [r.sampling for r in running])
 
     def apply(self, moves: list[Move]) -> None:
         """Carries out the row allocator's moves, in order."""

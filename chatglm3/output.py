@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
+from .sampling import TokenLogprob
 from .streaming import IncrementalDetokenizer, StopMatcher
 from .tokenizer import ChatGLMTokenizer
 
@@ -45,9 +47,21 @@ class GenerationResult:
     max_tokens: int = 0  # the limit applied, after cutting to the room left in the context
     max_tokens_cut: bool = False
     seed: int = 0
+    # Per output token (SamplingParams.logprobs set): its log-probability and alternatives.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of a request's text, and how many output tokens had been taken when it was
+    released (the tokens behind the text so far: result.output_ids[:tokens], and
+    result.logprobs[:tokens] when asked for)."""
+
+    text: str
+    tokens: int
 
 
 _END = object()
@@ -67,11 +81,13 @@ class OutputStream:
         self.submitted = time.perf_counter()
         self.first_token_at = self.last_token_at = self.submitted
         self.wake: Callable[[], None] | None = None
+        self.on_finish: list[Callable[[GenerationResult], None]] | None = []  # None: ended
+        self.lock = threading.Lock()
 
     def emit(self, text: str) -> None:
         if text:
             self.pieces.append(text)
-            self.out.put(text)
+            self.out.put(Delta(text, len(self.result.output_ids)))
             if self.wake is not None:
                 self.wake()
 
@@ -87,6 +103,10 @@ class OutputStream:
         self.out.put(error if error is not None else _END)
         if self.wake is not None:
             self.wake()
+        with self.lock:
+            callbacks, self.on_finish = self.on_finish or [], None
+        for fn in callbacks:
+            fn(r)
 
 
 class OutputProcessor:
@@ -96,8 +116,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_ids
 
-    def take(self, r: "Request", token: int) -> bool:
-        """r's next token; True when r has finished with it (its stream then closed)."""
+    def take(self, r: "Request", token: int, logprob: TokenLogprob | None = None) -> bool:
+        """r's next token (with its log-probabilities if r asks for them); True when r has
+        finished with it (its stream then closed)."""
         s: OutputStream = r.output
         result = s.result
         r.kv_len = r.length  # the step that chose `token` ran every position up to here
@@ -108,6 +129,8 @@ class OutputProcessor:
         if token in self.stop_ids:
             return self._end(s, "stop_token")
         r.take(token)  # into result.output_ids: the request's list is the result's
+        if logprob is not None:
+            result.logprobs.append(logprob)
         s.emit(s.stops.push(s.detok.push(token)))
         if s.stops.stopped:
             s.finish("stop_sequence")
@@ -132,6 +155,8 @@ class Generation:
         self._request = request
         self._stream: OutputStream = request.output
         self.result = self._stream.result
+        self.done = False  # the end has been read (by `ready`)
+        self._error: BaseException | None = None  # read, to raise on the next `ready`
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -141,30 +166,72 @@ class Generation:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                yield item.text
         finally:  # a consumer that walks away stops the computation too
             self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        """Async iteration: the worker wakes this event loop; no thread waits per stream."""
+        """Async iteration over the text deltas (see `deltas`)."""
+        async for delta in self.deltas():
+            yield delta.text
+
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """The deltas with their token counts, on an event loop: the worker wakes this loop;
+        no thread waits per stream."""
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-        self._stream.wake = lambda: loop.call_soon_threadsafe(ready.set)
+        self.notify(lambda: loop.call_soon_threadsafe(ready.set))
         try:
             while True:
                 ready.clear()
+                batch = self.ready()
+                for delta in batch:
+                    yield delta
+                if self.done:
+                    return
+                if not batch:
+                    await ready.wait()
+        finally:
+            self.cancel()
+
+    def notify(self, wake: Callable[[], None]) -> None:
+        """Calls `wake` (from the worker thread) whenever something new is ready; for consumers
+        that wait on many generations at once (a server's n choices)."""
+        self._stream.wake = wake
+        if not self._stream.out.empty():
+            wake()
+
+    def ready(self) -> list[Delta]:
+        """The deltas released since the last call, without waiting; `done` is True once the
+        end has been read. Raises the request's error at its end, if it failed."""
+        out: list[Delta] = []
+        while not self.done:
+            item = self._error
+            if item is None:
                 try:
                     item = self._stream.out.get_nowait()
                 except queue.Empty:
-                    await ready.wait()
-                    continue
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self.cancel()
+                    break
+            if isinstance(item, BaseException):
+                if out:  # the text before the error first; the error on the next call
+                    self._error = item
+                    break
+                self.done = True
+                raise item
+            if item is _END:
+                self.done = True
+            else:
+                out.append(item)
+        return out
+
+    def add_done_callback(self, fn: Callable[[GenerationResult], None]) -> None:
+        """Calls fn(result) once the request has ended (on the worker thread: keep it short)."""
+        s = self._stream
+        with s.lock:
+            if s.on_finish is not None:
+                s.on_finish.append(fn)
+                return
+        fn(self.result)
 
     def cancel(self) -> None:
         """Stops this request's forward passes before its next step, or takes it out of the

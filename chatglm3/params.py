@@ -30,6 +30,9 @@ MAX_SEED = 2**53 - 1
 # back from the stream while it may still match, so its length is streaming latency too.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+# Log-probabilities: per generated token, its own and those of up to this many likeliest
+# alternatives (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
 
 
 class SettingsError(ValueError):
@@ -50,6 +53,9 @@ class SamplingParams:
     min_tokens: int = 0  # the stop tokens are suppressed until this many tokens are out
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Report each generated token's log-probability and this many likeliest alternatives
+    # (0-MAX_LOGPROBS); None = none reported (no work per step).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()  # bad values fail when built, not at the first step
@@ -95,6 +101,10 @@ class SamplingParams:
             bad("seed", f"an integer from 0 to {MAX_SEED} (2**53-1)")
         if not _integer(self.min_tokens) or not 0 <= self.min_tokens <= CONTEXT:
             bad("min_tokens", f"an integer from 0 to {CONTEXT} (0 = off)")
+        if self.logprobs is not None and (not _integer(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"an integer from 0 to {MAX_LOGPROBS} (alternatives per token) "
+                            "or None (off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _finite(value) or not MIN_PENALTY <= value <= MAX_PENALTY:
@@ -128,7 +138,7 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_p == 0
 
 
-_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "min_tokens")
+_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "min_tokens", "logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
                  "frequency_penalty")
 

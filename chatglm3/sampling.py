@@ -29,7 +29,7 @@ ones they keep. They don't fit here:
 from __future__ import annotations
 
 import random
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -109,6 +109,38 @@ def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
         settings = [(samplings[i].params, samplings[i].uniform()) for i in rows]
         tokens[rows] = _sample(scores[rows], settings)
     return tokens
+
+
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability and its likeliest alternatives', most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   samplings: Sequence[RequestSampling]) -> list[TokenLogprob | None] | None:
+    """For the rows whose settings ask for `logprobs`: the picked token's log-probability and
+    the top alternatives under the model's own distribution (the raw logits, before
+    temperature, top-k/top-p and penalties: what the model thinks, whatever was drawn; so the
+    greedy token is always the first alternative). None when no row asks: no work then. One
+    device-to-host copy for the whole batch."""
+    rows = [i for i, s in enumerate(samplings) if s.params.logprobs is not None]
+    if not rows:
+        return None
+    k = max(samplings[i].params.logprobs for i in rows)
+    index = torch.tensor(rows, device=logits.device)
+    lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    chosen_h, values_h, ids_h, picked = (chosen.tolist(), values.tolist(), ids.tolist(),
+                                         tokens.index_select(0, index).tolist())
+    out: list[TokenLogprob | None] = [None] * len(samplings)
+    for j, i in enumerate(rows):
+        n = samplings[i].params.logprobs
+        out[i] = TokenLogprob(picked[j], chosen_h[j], tuple(zip(ids_h[j][:n], values_h[j][:n])))
+    return out
 
 
 def _sample(scores: torch.Tensor, settings: list[tuple[SamplingParams, float]]) -> torch.Tensor:

@@ -103,3 +103,13 @@ class ChatGLMTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the SentencePiece ids; special tokens carry no text and are skipped."""
         return self.sp.decode([i for i in ids if 0 <= i < self.n_pieces])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for (a byte-fallback piece: its one byte; a piece's
+        "\u2581": a space; special tokens: none), as OpenAI's logprobs report them."""
+        if not 0 <= token_id < self.n_pieces or self.sp.is_control(token_id):
+            return b""
+        piece = self.sp.id_to_piece(token_id)
+        if self.sp.is_byte(token_id):  # "<0xE4>"
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")

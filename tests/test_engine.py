@@ -317,19 +317,20 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
         sched, runner, output = other.scheduler, other.runner, other.output
 
         def step() -> None:
-            tokens = runner.decode(sched.running)
+            tokens, logprobs = runner.decode(sched.running)
+            assert logprobs is None  # none asked for: no work for them
             assert not any(output.take(r, t) for r, t in zip(sched.running, tokens))
 
         with torch.inference_mode():
             for i in range(batch):
                 ids = reference["prompts"][0]["input_ids"] + [100 + i]
                 sched.add(other.prepare(ids, SamplingParams(max_tokens=10, **GREEDY)))
-                token = None
-                while token is None:
+                first = None
+                while first is None:
                     chunk = sched.schedule().prefill
-                    token = runner.prefill(chunk, chunk.request.reuse)
+                    first = runner.prefill(chunk, chunk.request.reuse)
                     sched.prefilled(chunk)
-                assert not output.take(chunk.request, token)
+                assert not output.take(chunk.request, *first)
                 runner.admit(chunk.request, *sched.end_prefill(chunk.request, admit=True))
             step()  # shapes met once
             with CountOps() as count:

@@ -1,0 +1,436 @@
+"""The OpenAI-compatible application (Starlette; uvicorn serves it: serve.py).
+
+One engine serves every request, so concurrent requests (and a request's n choices) share its
+decoding steps. What this layer adds: the API key (constant-time compare), a body size cap
+checked before parsing, parsing and tokenizing off the event loop (an 8 MB body takes ~2 s to
+tokenize; other streams go on meanwhile), a bounded wait queue (429 with Retry-After beyond
+it), OpenAI's response and error shapes, server-sent events, and cancellation: a client that
+disconnects (streaming or not) cancels its generations, which the engine drops before its next
+step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Sequence
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from .. import webchat
+from ..errors import OutOfMemory, PromptTooLong, RequestTooLarge
+from ..output import Delta, Generation, GenerationResult
+from ..scheduler import Request as EngineRequest
+from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
+                       CompletionRequest, bad, parse_chat, parse_completion, parse_json)
+from .responses import FINISH_REASONS, LogprobWriter, new_id, now, timings, usage
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = DEFAULT_MODEL_NAME
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    # Requests (each choice counts) accepted beyond the ones decoding; past it: 429.
+    max_waiting: int = 64
+    web: bool = True
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
+    """The application serving `engine` (a chatglm3.engine.Engine)."""
+    api = Api(engine, config)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/stats", api.stats, methods=["GET"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.model, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+    ]
+    page = getattr(webchat, "routes", None)  # issue 22's page, where it is built
+    if config.web and page is not None:
+        routes += page(config.model_name, config.api_key is not None)
+    middleware = []
+    if config.cors_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                                     allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={
+        ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _api_error(request: Request, e: Exception) -> JSONResponse:
+    return error_response(e)  # type: ignore[arg-type]
+
+
+async def _http_error(request: Request, e: Exception) -> JSONResponse:
+    status = getattr(e, "status_code", 404)
+    if status == 405:
+        return error_response(ApiError(405, f"{request.method} is not allowed on "
+                                            f"{request.url.path}", code="method_not_allowed"))
+    return error_response(ApiError(
+        status, f"no such route: {request.method} {request.url.path} (this server has "
+                "/v1/chat/completions, /v1/completions, /v1/models, /health)",
+        code="not_found"))
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    log.error("internal error on %s", request.url.path, exc_info=e)
+    return error_response(ApiError(500, "internal server error (logged on the server)"))
+
+
+class Api:
+    """The routes' state: the engine, the configuration, the wait-queue count and stats."""
+
+    def __init__(self, engine, config: ServerConfig) -> None:
+        self.engine, self.config = engine, config
+        self.logprobs = LogprobWriter(engine.tokenizer)
+        self.created = now()
+        self._lock = threading.Lock()  # in_flight and the counters: the worker thread too
+        self.in_flight = 0  # choices accepted and not ended
+        self.finished: Counter[str] = Counter()
+        self.recent: deque[dict] = deque(maxlen=64)  # the last ended choices, for /stats
+
+    # ---- plain routes ----
+
+    async def health(self, request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def stats(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        s = self.engine.stats()
+        with self._lock:
+            finished, recent, in_flight = dict(self.finished), list(self.recent), self.in_flight
+        return JSONResponse({
+            "model": self.config.model_name, "max_batch": s.max_batch, "running": s.running,
+            "waiting": s.waiting, "in_flight": in_flight, "decode_steps": s.decode_steps,
+            "decoded_tokens": s.decoded_tokens, "decode_step": s.decode_step,
+            "finished": {k: finished.get(k, 0) for k in ("stop", "length", "cancelled",
+                                                          "error")},
+            "recent": recent})
+
+    def _model_card(self) -> dict:
+        return {"id": self.config.model_name, "object": "model", "created": self.created,
+                "owned_by": "chatglm3"}
+
+    async def models(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        name = request.path_params["model"]
+        if name != self.config.model_name:
+            raise ApiError(404, f"model: {name[:100]!r} is not served here; this server serves "
+                                f"{self.config.model_name!r}", "model", "model_not_found")
+        return JSONResponse(self._model_card())
+
+    # ---- checks every generating request passes ----
+
+    def authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "missing API key: send the header Authorization: Bearer KEY",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                   key.encode("utf-8")):
+            raise ApiError(401, "wrong API key", code="invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused (413) once it passes the cap: before it is all read or parsed."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length", "")
+        too_big = ApiError(413, f"body: over the limit of {limit:,} bytes (no request that "
+                                "fits the model's context is that large)", code="body_too_large")
+        if length.isdigit() and int(length) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _reserve(self, count: int) -> None:
+        limit = self.engine.max_batch + self.config.max_waiting
+        with self._lock:
+            if self.in_flight + count > limit:
+                busy = self.in_flight
+            else:
+                self.in_flight += count
+                return
+        raise ApiError(429, f"server busy: {busy} requests in flight, the limit is {limit} "
+                            f"({self.engine.max_batch} decoding + {self.config.max_waiting} "
+                            "waiting); retry shortly", code="server_busy",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    def _release(self, count: int) -> None:
+        with self._lock:
+            self.in_flight -= count
+
+    def _ended(self, rid: str, index: int) -> Callable[[GenerationResult], None]:
+        def done(result: GenerationResult) -> None:  # on the engine's worker thread
+            reason = FINISH_REASONS.get(result.stop_reason, result.stop_reason or "cancelled")
+            with self._lock:
+                self.in_flight -= 1
+                self.finished[reason] += 1
+                self.recent.append({"id": rid, "index": index, "finish": reason,
+                                    "completion_tokens": result.output_token_count})
+        return done
+
+    async def _start(self, rid: str, params: Sequence, inputs: Callable[[], list[list[int]]]
+                     ) -> list[Generation]:
+        """Reserves room in the queue, builds the input ids off the event loop, checks each
+        choice and queues them all (or none)."""
+        count = len(params)
+        self._reserve(count)
+        try:
+            requests = await run_in_threadpool(self._prepare, params, inputs)
+        except BaseException:
+            self._release(count)
+            raise
+        gens = []
+        for i, r in enumerate(requests):
+            gen = self.engine.submit(r)
+            gen.add_done_callback(self._ended(rid, i))
+            gens.append(gen)
+        return gens
+
+    def _prepare(self, params: Sequence, inputs: Callable[[], list[list[int]]]
+                 ) -> list[EngineRequest]:
+        try:
+            prompts = inputs()
+            per = len(params) // len(prompts)
+            return [self.engine.prepare(prompts[i // per], p) for i, p in enumerate(params)]
+        except PromptTooLong as e:
+            raise bad(str(e), "messages", "context_length_exceeded") from None
+        except RequestTooLarge as e:
+            raise bad(str(e), "max_tokens", "context_length_exceeded") from None
+        except ValueError as e:
+            raise bad(str(e), str(e).split(":")[0].split("[")[0] or None) from None
+
+    # ---- chat completions ----
+
+    async def chat_completions(self, request: Request):
+        self.authorize(request)
+        raw = await self.read_body(request)
+        req: ChatRequest = await run_in_threadpool(
+            lambda: parse_chat(parse_json(raw), self.config.model_name))
+        rid = new_id("chatcmpl")
+        gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)])
+        if req.stream:
+            return _sse(self._chat_chunks(rid, req, gens))
+        results = await self._collect(request, gens)
+        choices = []
+        for i, r in enumerate(results):
+            choices.append({
+                "index": i, "message": {"role": "assistant", "content": r.text,
+                                        "refusal": None},
+                "logprobs": self.logprobs.chat(r.logprobs) if req.logprobs is not None else None,
+                "finish_reason": FINISH_REASONS.get(r.stop_reason)})
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": now(),
+                             "model": req.model, "choices": choices,
+                             "usage": usage(results), "system_fingerprint": None,
+                             "timings": timings(results)})
+
+    async def _chat_chunks(self, rid: str, req: ChatRequest, gens: list[Generation]
+                           ) -> AsyncIterator[dict]:
+        created, logprobs = now(), req.logprobs is not None
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": req.model, "system_fingerprint": None}
+        if req.include_usage:
+            base["usage"] = None
+
+        def chunk(i: int, delta: dict, entries=None, finish: str | None = None) -> dict:
+            lp = self.logprobs.chat(entries) if logprobs and entries is not None else None
+            return {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                         "finish_reason": finish}]}
+
+        for i in range(len(gens)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, delta, entries in self._merged(gens):
+            if delta is not None:
+                yield chunk(i, {"content": delta.text}, entries)
+            else:
+                result = gens[i].result
+                yield chunk(i, {}, entries or None, FINISH_REASONS.get(result.stop_reason))
+        if req.include_usage:
+            results = [g.result for g in gens]
+            yield {**base, "choices": [], "usage": usage(results), "timings": timings(results)}
+
+    # ---- completions ----
+
+    async def completions(self, request: Request):
+        self.authorize(request)
+        raw = await self.read_body(request)
+        req: CompletionRequest = await run_in_threadpool(
+            lambda: parse_completion(parse_json(raw), self.config.model_name))
+        rid = new_id("cmpl")
+        params = [p for _ in req.prompts for p in req.params]
+        gens = await self._start(rid, params, lambda: [self._plain_ids(p) for p in req.prompts])
+        per = len(req.params)
+        echoes = [self._echo(req, k // per) for k in range(len(gens))]
+        if req.stream:
+            return _sse(self._completion_chunks(rid, req, gens, echoes))
+        results = await self._collect(request, gens)
+        choices = []
+        for k, r in enumerate(results):
+            choices.append({
+                "index": k, "text": echoes[k] + r.text,
+                "logprobs": (self.logprobs.legacy(r.logprobs, len(echoes[k]))
+                             if req.logprobs is not None else None),
+                "finish_reason": FINISH_REASONS.get(r.stop_reason)})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": now(),
+                             "model": req.model, "choices": choices,
+                             "usage": usage(results, len(req.prompts)),
+                             "system_fingerprint": None, "timings": timings(results)})
+
+    def _echo(self, req: CompletionRequest, prompt: int) -> str:
+        if not req.echo:
+            return ""
+        p = req.prompts[prompt]
+        return p if isinstance(p, str) else self.engine.tokenizer.decode(p)
+
+    def _plain_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's ids: `[gMASK] sop` and the text (the official encode), no
+        chat format; a text too long for the context is refused from its length alone."""
+        tok, context = self.engine.tokenizer, self.engine.context
+        if isinstance(prompt, list):
+            return prompt
+        bound = len(tok.prefix_ids) + -(-len(prompt) // tok.max_piece_chars)
+        if bound >= context:
+            raise PromptTooLong(bound, context, chars=len(prompt))
+        return tok.encode(prompt)
+
+    async def _completion_chunks(self, rid: str, req: CompletionRequest,
+                                 gens: list[Generation], echoes: list[str]
+                                 ) -> AsyncIterator[dict]:
+        base = {"id": rid, "object": "text_completion", "created": now(), "model": req.model,
+                "system_fingerprint": None}
+        offsets = [len(e) for e in echoes]
+
+        def chunk(k: int, text: str, entries=None, finish: str | None = None) -> dict:
+            lp = None
+            if req.logprobs is not None and entries is not None:
+                lp = self.logprobs.legacy(entries, offsets[k])
+            offsets[k] += len(text)
+            return {**base, "choices": [{"index": k, "text": text, "logprobs": lp,
+                                         "finish_reason": finish}]}
+
+        for k, echo in enumerate(echoes):
+            if echo:
+                yield chunk(k, echo)
+        async for k, delta, entries in self._merged(gens):
+            if delta is not None:
+                yield chunk(k, delta.text, entries)
+            else:
+                yield chunk(k, "", entries or None,
+                            FINISH_REASONS.get(gens[k].result.stop_reason))
+        if req.include_usage:
+            results = [g.result for g in gens]
+            yield {**base, "choices": [], "usage": usage(results, len(req.prompts)),
+                   "timings": timings(results)}
+
+    # ---- waiting for generations ----
+
+    async def _merged(self, gens: list[Generation]) -> AsyncIterator[tuple]:
+        """(choice, delta, its tokens' logprobs) as they come, then (choice, None, the rest
+        of its logprobs) at its end; every choice cancelled if the consumer stops early (a
+        client gone). A failed generation raises (OutOfMemory, or an internal error)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        for g in gens:
+            g.notify(lambda: loop.call_soon_threadsafe(ready.set))
+        seen = [0] * len(gens)
+        live = set(range(len(gens)))
+        try:
+            while live:
+                ready.clear()
+                got = False
+                for i in sorted(live):
+                    g = gens[i]
+                    try:
+                        batch = g.ready()
+                    except OutOfMemory as e:
+                        raise ApiError(503, str(e), code="out_of_memory",
+                                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e
+                    for d in batch:
+                        got = True
+                        entries = g.result.logprobs[seen[i]:d.tokens]
+                        seen[i] = d.tokens
+                        yield i, d, entries
+                    if g.done:
+                        got = True
+                        live.discard(i)
+                        yield i, None, g.result.logprobs[seen[i]:]
+                if not got:
+                    await ready.wait()
+        finally:
+            for g in gens:
+                g.cancel()
+
+    async def _collect(self, request: Request, gens: list[Generation]
+                       ) -> list[GenerationResult]:
+        """Runs the choices to their ends; a client that disconnects first cancels them."""
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            for g in gens:
+                g.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for _ in self._merged(gens):
+                pass
+        finally:
+            watcher.cancel()
+        return [g.result for g in gens]
+
+
+def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error mid-stream
+    is one `data: {"error": ...}` event (the openai SDK raises it), and the stream ends."""
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for c in chunks:
+                yield f"data: {json.dumps(c, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
+            return
+        except Exception:  # noqa: BLE001 - a failed step: said in words, logged in full
+            log.exception("generation failed mid-stream")
+            body = ApiError(500, "the generation failed (internal error, logged on the "
+                                 "server); the server goes on").body()
+            yield f"data: {json.dumps(body)}\n\n"
+            return
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

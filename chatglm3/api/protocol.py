@@ -1,0 +1,353 @@
+"""OpenAI request bodies -> our types, checked field by field (no torch, no web framework).
+
+Every bad value raises ApiError naming the field (`param`) and the limit; the sampling limits
+are chatglm3/params.py's, the same the CLI and the Cog predictor apply. Unknown fields are
+ignored, as OpenAI does; known fields we cannot honour (tools, images, logit_bias, ...) are
+refused in words rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
+from ..params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_LOGPROBS,
+                      SamplingParams, SettingsError)
+from ..tokenizer import Message
+
+# A body that could hold any conversation the 32k context fits: 524,288 characters of text at
+# most (32,768 tokens of at most 16 characters), 12 JSON bytes per character in the worst escape
+# (messages.MAX_HISTORY_CHARS has the arithmetic): 6 MiB, plus room for keys and whitespace.
+MAX_BODY_BYTES = 8 * 2**20
+MAX_N = 16  # choices per request (each one a request in the batch)
+DEFAULT_MODEL_NAME = "chatglm3-6b-32k"
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status and OpenAI's error body."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error",
+             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             503: "server_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message,
+                          "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object: UTF-8, nesting bounded before parsing (json.loads recurses
+    per level), an object at the top."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"body: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if _json_text_depth(text) > MAX_HISTORY_DEPTH:
+        raise bad(f"body: JSON nested more than {MAX_HISTORY_DEPTH} levels deep, the limit")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        where = f" ({e.msg} at line {e.lineno} column {e.colno})" if isinstance(
+            e, json.JSONDecodeError) else ""
+        raise bad(f"body: not valid JSON{where}") from None
+    if not isinstance(data, dict):
+        raise bad(f"body: expected a JSON object, got {_json_type(data)}")
+    return data
+
+
+# ---- field readers: None (or absent) is the default, as OpenAI treats null ----
+
+def _field(body: dict, name: str, check, expected: str, default: Any = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not check(value):
+        raise bad(f"{name}: expected {expected}, got {_describe(value)}", name)
+    return value
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (int, float, str)) else ""
+    return f"{_json_type(value)} {text[:40]}".strip()
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return _number(v) and float(v).is_integer()
+
+
+def _boolean(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _string(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _object(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+@dataclass
+class Options:
+    """What every generating endpoint takes besides its input."""
+
+    model: str
+    params: list[SamplingParams]  # one per choice (its own seed)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # alternatives per token; None = no logprobs
+
+
+@dataclass
+class ChatRequest(Options):
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass
+class CompletionRequest(Options):
+    prompts: list[str | list[int]] = field(default_factory=list)
+    echo: bool = False
+
+
+def check_model(body: dict, served: str) -> str:
+    model = body.get("model")
+    if model is None:
+        raise bad("model: required (GET /v1/models lists the served model)", "model")
+    if not isinstance(model, str):
+        raise bad(f"model: expected a string, got {_describe(model)}", "model")
+    if model != served:
+        raise ApiError(404, f"model: {model[:100]!r} is not served here; this server serves "
+                            f"{served!r}", "model", "model_not_found")
+    return model
+
+
+def _options(body: dict, served: str, logprobs: int | None, default_max: str) -> Options:
+    """The shared fields: model, n, stream, sampling (one SamplingParams per choice)."""
+    model = check_model(body, served)
+    n = int(_field(body, "n", _integer, f"an integer from 1 to {MAX_N}", 1))
+    if not 1 <= n <= MAX_N:
+        raise bad(f"n: must be from 1 to {MAX_N} (choices per request), got {n}", "n")
+    stream = _field(body, "stream", _boolean, "true or false", False)
+    stream_options = _field(body, "stream_options", _object, "an object", {})
+    include_usage = _field(stream_options, "include_usage", _boolean, "true or false", False)
+    max_tokens = body.get("max_completion_tokens")
+    max_name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_name = body.get("max_tokens"), default_max
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad(f"stop: expected a string or a list of strings, got {_describe(stop)}", "stop")
+    seed = _field(body, "seed", _integer, "an integer")
+    values = {
+        "max_tokens": max_tokens,
+        "temperature": body.get("temperature", DEFAULT_TEMPERATURE),
+        "top_p": body.get("top_p", DEFAULT_TOP_P),
+        "top_k": body.get("top_k", 0), "repetition_penalty": body.get("repetition_penalty", 1.0),
+        "min_tokens": body.get("min_tokens", 0),
+        "presence_penalty": body.get("presence_penalty", 0.0),
+        "frequency_penalty": body.get("frequency_penalty", 0.0),
+    }
+    defaults = SamplingParams()
+    for name, value in values.items():
+        if value is None:  # null = the default, as OpenAI takes it
+            values[name] = getattr(defaults, name) if name != "max_tokens" else DEFAULT_MAX_TOKENS
+        elif not _number(value):
+            param = max_name if name == "max_tokens" else name
+            raise bad(f"{param}: expected a number, got {_describe(value)}", param)
+    names = {"max_tokens": max_name, "stop_sequences": "stop", "logprobs": "logprobs"}
+    params = []
+    for i in range(n):
+        # Choice i with seed s draws from seed s + i: reproducible, and the choices differ.
+        choice_seed = None if seed is None else (int(seed) + i if seed >= 0 else seed)
+        try:
+            params.append(SamplingParams(**values, seed=choice_seed, stop=list(stop),
+                                         logprobs=logprobs))
+        except SettingsError as e:
+            raise _renamed(e, names) from None
+    return Options(model, params, stream, include_usage, logprobs)
+
+
+def _renamed(e: SettingsError, names: dict[str, str]) -> ApiError:
+    """SamplingParams' message with the API's field names; `param` is the first bad field."""
+    message = str(e)
+    for ours, theirs in names.items():
+        message = re.sub(rf"\b{ours}\b", theirs, message)
+    first = re.match(r"(\w+)", message)
+    return bad(message, first.group(1) if first else None)
+
+
+_REFUSED = {
+    "tools": "the 32k model does not do tool calls (ChatGLM3-6B-32K has no tool calling)",
+    "functions": "the 32k model does not do function calls (ChatGLM3-6B-32K has no tool "
+                 "calling)",
+    "tool_choice": "the 32k model does not do tool calls",
+    "function_call": "the 32k model does not do function calls",
+    "logit_bias": "not supported by this server",
+    "audio": "this model takes and writes text only",
+    "prediction": "not supported by this server",
+}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, why in _REFUSED.items():
+        value = body.get(name)
+        if value not in (None, [], {}, "none", "auto") or (
+                name in ("tools", "functions") and value):
+            raise bad(f"{name}: {why}", name)
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad("response_format: only {\"type\": \"text\"} (this server has no JSON mode)",
+                  "response_format")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise bad("modalities: this model takes and writes text only", "modalities")
+
+
+def parse_chat(body: dict, served: str) -> ChatRequest:
+    """A /v1/chat/completions body."""
+    _refuse_unsupported(body)
+    want = _field(body, "logprobs", _boolean, "true or false", False)
+    top = _field(body, "top_logprobs", _integer, f"an integer from 0 to {MAX_LOGPROBS}")
+    if top is not None:
+        if not want:
+            raise bad("top_logprobs: needs logprobs set to true", "top_logprobs")
+        if not 0 <= top <= MAX_LOGPROBS:
+            raise bad(f"top_logprobs: must be from 0 to {MAX_LOGPROBS}, got {top}",
+                      "top_logprobs")
+    options = _options(body, served, int(top or 0) if want else None, "max_tokens")
+    return ChatRequest(**vars(options), messages=parse_messages(body.get("messages")))
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def parse_messages(messages: Any) -> list[Message]:
+    """OpenAI's messages -> ours: system (or developer), user and assistant turns, the last one
+    the user's; content a string or a list of text parts."""
+    if not isinstance(messages, list):
+        raise bad("messages: required, a list of {\"role\", \"content\"} objects"
+                  if messages is None else
+                  f"messages: expected a list, got {_describe(messages)}", "messages")
+    if not messages:
+        raise bad("messages: empty; at least one user message is needed", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad(f"{where}: expected an object with role and content, got "
+                      f"{_describe(m)}", "messages")
+        role = m.get("role")
+        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
+            raise bad(f"{where}: the 32k model does not do tool calls (no tool or function "
+                      "messages)", "messages")
+        if role not in ROLES:
+            raise bad(f"{where}.role: expected system, user or assistant, got "
+                      f"{_describe(role)}", "messages")
+        content = _content(m.get("content"), where, role)
+        check_text_param(f"{where}.content", content)
+        out.append(Message(ROLES[role], content))  # type: ignore[arg-type]
+    if out[-1].role != "user":
+        raise bad(f"messages: the last message must be the user's, got {out[-1].role!r}",
+                  "messages")
+    try:
+        check_order(out, where="messages")
+    except ValueError as e:
+        raise bad(str(e), "messages") from None
+    return out
+
+
+def _content(content: Any, where: str, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":
+        return ""
+    if not isinstance(content, list):
+        raise bad(f"{where}.content: expected a string or a list of text parts, got "
+                  f"{_describe(content)}", "messages")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            if kind in ("image_url", "input_audio", "file", "image", "audio"):
+                raise bad(f"{where}.content[{j}]: this model takes text only, got a {kind} "
+                          "part", "messages")
+            raise bad(f"{where}.content[{j}]: expected {{\"type\": \"text\", \"text\": ...}}",
+                      "messages")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad(f"{where}.content[{j}].text: expected a string, got {_describe(text)}",
+                      "messages")
+        texts.append(text)
+    return "".join(texts)
+
+
+def check_text_param(where: str, text: str) -> None:
+    try:
+        check_text(where, text)
+    except ValueError as e:
+        raise bad(str(e), where.split("[")[0].split(".")[0]) from None
+
+
+def parse_completion(body: dict, served: str) -> CompletionRequest:
+    """A /v1/completions body: prompt a string, a list of strings, a list of token ids or a
+    list of such lists; `logprobs` an integer (alternatives per token)."""
+    for name in ("suffix",):
+        if body.get(name) is not None:
+            raise bad(f"{name}: not supported by this model", name)
+    logprobs = _field(body, "logprobs", _integer, f"an integer from 0 to {MAX_LOGPROBS}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad(f"logprobs: must be from 0 to {MAX_LOGPROBS}, got {logprobs}", "logprobs")
+    echo = _field(body, "echo", _boolean, "true or false", False)
+    options = _options(body, served, None if logprobs is None else int(logprobs), "max_tokens")
+    best_of = _field(body, "best_of", _integer, "an integer")
+    if best_of is not None and best_of != len(options.params):
+        raise bad("best_of: only equal to n (this server returns every choice it makes)",
+                  "best_of")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(_token_id(t) for t in prompt):
+        prompts = [[int(t) for t in prompt]]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, list) and p and all(_token_id(t) for t in p) for p in prompt):
+        prompts = [[int(t) for t in p] for p in prompt]
+    else:
+        raise bad("prompt: expected a string, a list of strings, a list of token ids or a "
+                  f"list of such lists, got {_describe(prompt)}", "prompt")
+    if len(prompts) * len(options.params) > MAX_N:
+        raise bad(f"prompt: {len(prompts)} prompts x n={len(options.params)} choices is over "
+                  f"{MAX_N} completions per request", "prompt")
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            check_text_param(f"prompt[{i}]", p)
+    return CompletionRequest(**vars(options), prompts=prompts, echo=echo)
+
+
+def _token_id(t: Any) -> bool:
+    return _integer(t) and t >= 0
