@@ -57,8 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     key = args.api_key if args.api_key is not None else os.environ.get("CHATGLM3_API_KEY") or None
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting: expected 0 or more, got {args.max_waiting}")
-    if key is not None and not key.strip():
-        raise ValueError("--api-key: empty")
+    if key is not None and (not key.strip() or not key.isascii() or not key.isprintable()
+                            or " " in key):
+        raise ValueError("--api-key: expected printable ASCII without spaces (clients send it "
+                         "in an HTTP header)")
     sock = listen(args.host, args.port)  # a taken port fails before the model loads
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         cli.say(f"warning: listening on {args.host} without an API key: anyone who can reach "
