@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -289,7 +290,8 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     from .engine import Engine
     from .quantize import compute_dtype
 
-    settings = Settings.from_args(args)  # a ValueError naming the flag
+    # Flags over the CHATGLM3_* variables (a ValueError naming the flag or variable).
+    settings = Settings.from_args(args, os.environ)
     # Device checks first: a missing GPU should not cost a 12 GB download or load first.
     device = resolve_device(settings.device)
     dtype = compute_dtype(settings.quantize, device, resolve_dtype(settings.dtype, device))

@@ -133,9 +133,12 @@ class Settings:
         return cls(**values)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "Settings":
-        """The settings of parsed flags (see add_arguments); unset flags keep the defaults."""
-        values = {}
+    def from_args(cls, args: argparse.Namespace,
+                  environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings of parsed flags (see add_arguments); unset flags keep the defaults, or
+        with `environ` what its variables set (the CLI passes os.environ: in the Cog image,
+        `python -m chatglm3 serve` then keeps cog.yaml's CHATGLM3_DEVICE=cuda)."""
+        values = {} if environ is None else vars(cls.from_env(environ))
         for opt in OPTIONS:
             text = getattr(args, opt.field, None)
             if text is not None:

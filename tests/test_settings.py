@@ -51,6 +51,13 @@ def test_flags_come_from_the_same_definitions() -> None:
     # the CLI's generate and chat take exactly these load-time flags
     out = cli.build_parser().parse_args(["generate", "--prompt", "x", "--prefill-budget", "64"])
     assert Settings.from_args(out).prefill_budget == 64
+    # with an environment: its variables, under the flags
+    env = {"CHATGLM3_DEVICE": "cuda", "CHATGLM3_MAX_BATCH": "3", "CHATGLM3_QUANTIZE": "int8"}
+    assert Settings.from_args(args, env) == Settings(device="cpu", kv_budget_bytes=8 * 10**9,
+                                                     prefix_cache=False, max_batch=2,
+                                                     quantize="int8")
+    with pytest.raises(ValueError, match="CHATGLM3_DEVICE"):
+        Settings.from_args(parser.parse_args([]), {"CHATGLM3_DEVICE": "tpu"})
 
 
 def test_every_setting_reaches_the_engine() -> None:
