@@ -41,10 +41,10 @@ def run(engine: Engine, prompt: list[int], lead: int,
     stream_ids = engine.tokenizer.build_chat_input([]) + [100 + i for i in range(32)]
     running = engine.generate_ids(stream_ids, SamplingParams(max_tokens=30000, **GREEDY))
 
-    def timed(r, token):  # the running stream's token times, as the step takes them
+    def timed(r, token, logprob=None):  # the running stream's token times, as taken
         if r.output.result is running.result:
             stamps.append(time.perf_counter())
-        return take(r, token)
+        return take(r, token, logprob)
 
     engine.output.take = timed
     reader = threading.Thread(target=running.text, daemon=True)
