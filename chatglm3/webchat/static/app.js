@@ -18,6 +18,7 @@ const state = {
   settings: null,
   history: [],      // [{role: "user" | "assistant", content, node}]
   controller: null, // the AbortController of the answer being streamed
+  chat: 0,          // counts New chats: an answer cut off by one leaves the new history alone
   key: sessionStorage.getItem(KEY_STORE),
 };
 
@@ -126,7 +127,7 @@ function describe(status, error) {
   return `The server refused the request: ${message}.`;
 }
 
-function statsLine(usage, timing, finish, stopped) {
+function statsLine(usage, timing, finish, stopped, failed) {
   const parts = [];
   if (usage) {
     const cached = usage.prompt_tokens_details?.cached_tokens;
@@ -137,7 +138,8 @@ function statsLine(usage, timing, finish, stopped) {
     parts.push(`first token ${timing.time_to_first_token.toFixed(2)} s`,
                `${timing.tokens_per_second.toFixed(1)} tokens/s`);
   }
-  if (stopped) parts.push("stopped");
+  if (failed) parts.push("failed");
+  else if (stopped) parts.push("stopped");
   else if (finish === "length") parts.push("cut at max_tokens");
   return parts.join(" · ");
 }
@@ -175,6 +177,7 @@ async function answer(fresh) {
     if (fresh) undoSend();
     return;
   }
+  const chat = state.chat;
   const node = bubble("assistant");
   node.classList.add("streaming");
   const view = new AnswerView(node);
@@ -230,6 +233,10 @@ async function answer(fresh) {
   const stopped = controller.signal.aborted;
   state.controller = null;
   node.classList.remove("streaming");
+  if (chat !== state.chat) {  // New chat was pressed meanwhile: this answer is gone with it
+    setBusy(false);
+    return;
+  }
   if (!started && !stopped) {  // refused: nothing was answered
     node.remove();
     if (fresh) undoSend();
@@ -240,7 +247,8 @@ async function answer(fresh) {
     state.history.push({ role: "assistant", content: text, node });
     const stats = document.createElement("div");
     stats.className = "stats";
-    stats.textContent = statsLine(usage, timing, finish, stopped) || "no statistics";
+    stats.textContent = statsLine(usage, timing, finish, stopped, !!failure) ||
+      "no statistics";
     node.appendChild(stats);
   }
   if (failure) showError(failure);
@@ -269,6 +277,12 @@ function regenerate() {
   if (state.controller) return;
   const last = state.history[state.history.length - 1];
   if (!last) return;
+  try {
+    requestBody();  // a bad control value: said now, before the answer is taken away
+  } catch (e) {
+    showError(e.message);
+    return;
+  }
   if (last.role === "assistant") {
     state.history.pop();
     last.node.remove();
@@ -277,6 +291,7 @@ function regenerate() {
 }
 
 function newChat() {
+  state.chat++;
   state.controller?.abort();
   state.history = [];
   ui.messages.replaceChildren();

@@ -222,15 +222,15 @@ export function inline(text, parent) {
     }
     if (!matched) { plain += ch; pos++; continue; }
     const [kind, m] = matched;
+    pos += m[0].length;
+    if (kind === "escape") { plain += m[1]; continue; }  // stays in the same text node
     flush();
-    if (kind === "escape") plain += m[1];
-    else if (kind === "code") el("code", parent).textContent = m[2].length > 2 &&
+    if (kind === "code") el("code", parent).textContent = m[2].length > 2 &&
       m[2].startsWith(" ") && m[2].endsWith(" ") ? m[2].slice(1, -1) : m[2];
     else if (kind === "image") link(parent, m[2], "[image: " + (m[1] || m[2]) + "]");
     else if (kind === "link") link(parent, m[2], m[1]);
     else if (kind === "autolink") link(parent, m[1], m[1]);
     else inline(m[1], el(kind === "strong" ? "strong" : kind === "em" ? "em" : "del", parent));
-    pos += m[0].length;
   }
   flush();
 }
