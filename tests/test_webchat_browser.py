@@ -393,6 +393,12 @@ def test_errors_are_shown_in_words(driver, server) -> None:
         wait(d, lambda: "the generation failed" in error.text)
     assert raw(d, node) == "part of an answer"
     assert "failed" in node.find_element("css selector", ".stats").text
+    # A stream that ends without its [DONE]: the server went away mid-answer.
+    d.execute_script("arguments[0].value = ''", by_id(d, "prompt"))
+    with Interceptor(d, body=sse(delta("half an"))):
+        send(d, "and again")
+        finished(d, 2)
+        wait(d, lambda: "cut off" in error.text)
     assert server.alive()
 
 

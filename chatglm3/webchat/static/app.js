@@ -62,6 +62,13 @@ function scrollDown() {
   ui.messages.lastElementChild?.scrollIntoView({ block: "end" });
 }
 
+// Whether the reader is at the end of the conversation (then a growing answer keeps it there;
+// someone who scrolled up to read is left where they are).
+function atEnd() {
+  const m = ui.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 48;
+}
+
 // A streaming answer's view: blocks that are complete are rendered once; only the last,
 // still growing one is rebuilt on each update.
 class AnswerView {
@@ -191,6 +198,7 @@ async function answer(fresh) {
   let timing = null;
   let failure = null;
   let started = false;
+  let complete = false;  // the stream's [DONE] came
   try {
     const headers = { "Content-Type": "application/json" };
     if (state.key) headers.Authorization = "Bearer " + state.key;
@@ -210,7 +218,7 @@ async function answer(fresh) {
       started = true;
       read: for await (const events of sseData(response, controller.signal)) {
         for (const data of events) {
-          if (data === "[DONE]") break read;
+          if (data === "[DONE]") { complete = true; break read; }
           const chunk = JSON.parse(data);
           if (chunk.error) { failure = describe(500, chunk.error); break read; }
           const choice = chunk.choices?.[0];
@@ -219,9 +227,14 @@ async function answer(fresh) {
           if (chunk.usage) usage = chunk.usage;
           if (chunk.timings) timing = chunk.timings[0];
         }
+        const follow = atEnd();
         view.update(text);
         node.answerText = text;  // the answer as the model wrote it (Markdown source)
-        scrollDown();
+        if (follow) scrollDown();
+      }
+      if (!complete && !failure && !controller.signal.aborted) {
+        failure = "The answer was cut off: the connection to the server closed before the " +
+                  "end (the server may have stopped).";
       }
     }
   } catch (e) {
