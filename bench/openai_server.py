@@ -8,7 +8,10 @@ exactly its length (min_tokens = max_tokens). Rounds alternate direct / server; 
 each configuration's best round, then the ratio. A per-token cost that grows with the answer's
 length would show as an overhead that grows from the short to the long answers.
 
-Usage: python bench/openai_server.py [--layers 2] [--lengths 64,256] [--rounds 3]
+With --hidden 256 (a tiny model: a step takes ~2 ms) the server's own cost per token is
+magnified; the last column turns the difference into microseconds per token.
+
+Usage: python bench/openai_server.py [--layers 2] [--hidden 4096] [--lengths 64,256] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -92,12 +95,16 @@ def start_server(engine: Engine) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=4096, help="4096 = real width")
     ap.add_argument("--lengths", default="64,256")
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = random_model(num_layers=args.layers)
+    sizes = {} if args.hidden == 4096 else dict(
+        hidden_size=args.hidden, num_attention_heads=args.hidden // 64, kv_channels=64,
+        ffn_hidden_size=args.hidden * 2)
+    model = random_model(num_layers=args.layers, **sizes)
     engine = Engine(model, ChatGLMTokenizer(TOKENIZER), max_batch=8)
     port = start_server(engine)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -114,14 +121,16 @@ def main() -> None:
                          else through_server(port, prompts[:s], n))
                     key = (way, s, n)
                     best[key] = min(best.get(key, float("inf")), t)
-    print(f"{args.layers} layers at real width, bf16, {torch.get_num_threads()} threads; best "
+    width = "real width" if args.hidden == 4096 else f"hidden {args.hidden}"
+    print(f"{args.layers} layers at {width}, bf16, {torch.get_num_threads()} threads; best "
           f"of {args.rounds} alternating rounds")
     print(f"{'streams':>7} {'tokens':>6} {'direct tok/s':>12} {'server tok/s':>12} "
-          f"{'server/direct':>13}")
+          f"{'server/direct':>13} {'server us/token':>15}")
     for s in streams:
         for n in lengths:
             d, v = s * n / best[("direct", s, n)], s * n / best[("server", s, n)]
-            print(f"{s:>7} {n:>6} {d:>12.1f} {v:>12.1f} {v / d:>13.3f}")
+            extra = (best[("server", s, n)] - best[("direct", s, n)]) / (s * n) * 1e6
+            print(f"{s:>7} {n:>6} {d:>12.1f} {v:>12.1f} {v / d:>13.3f} {extra:>15.0f}")
     engine.close()
 
 

@@ -3,12 +3,13 @@
 A running stream used to wait for a whole PREFILL_CHUNK (2,048 tokens) of another request's
 prompt between two of its tokens; the scheduler's prefill token budget (Engine(prefill_budget=
 ...)) caps the prompt tokens per step while requests decode. For each budget this prints the
-running stream's longest gap between tokens while the prompt prefills, and the total tokens/s
-(the prompt's tokens and every generated token, from the prompt's arrival to its last token),
-also per CPU second of this process (steadier than wall time when other processes share the
-machine). Compare the rows of one run.
+running stream's longest gap between tokens while the prompt prefills, and the throughput of
+the same work (the prompt, its answer and the stream's tokens after the prompt's arrival, until
+both are done: see `run`), per wall second and per CPU second of this process (steadier when
+other processes share the machine). Budgets alternate; each row after the first budget's is
+compared with the first budget's row just before it.
 
-Usage: python bench/scheduling.py [--layers 2] [--prompt 8192] [--budgets 2048,512]
+Usage: python bench/scheduling.py [--layers 2] [--prompt 8192] [--budgets 2048,512,2048,512]
 """
 
 from __future__ import annotations
@@ -32,14 +33,23 @@ from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
 GREEDY = dict(temperature=0.0)
 
 
-def run(engine: Engine, prompt: list[int], lead: int,
-        after: int) -> tuple[float, float, float, int]:
+def run(engine: Engine, prompt: list[int], lead: int, after: int,
+        rest: int) -> tuple[float, float, float, int]:
     """(longest gap of the running stream while `prompt` prefills, total tokens/s, total tokens
-    per CPU second of this process, the stream's tokens during the prefill)."""
+    per CPU second of this process, the stream's tokens during the prefill).
+
+    The throughput is of a fixed amount of work, whatever the budget: from the prompt's arrival
+    until both requests are done, the prompt's prefill and its `after` tokens, and the stream's
+    last `rest` tokens (it has exactly lead + rest). (An earlier version counted the tokens
+    made until the prompt's last token: a smaller budget then ran more of the stream's costly
+    batch-1 decoding steps inside that window, a different mix of work, and its tokens/s fell
+    though no work was done slower.)"""
     stamps: list[float] = []
     take = engine.output.take
     stream_ids = engine.tokenizer.build_chat_input([]) + [100 + i for i in range(32)]
-    running = engine.generate_ids(stream_ids, SamplingParams(max_tokens=30000, **GREEDY))
+    n = lead + rest
+    running = engine.generate_ids(stream_ids, SamplingParams(max_tokens=n, min_tokens=n,
+                                                             **GREEDY))
 
     def timed(r, token, logprob=None):  # the running stream's token times, as taken
         if r.output.result is running.result:
@@ -52,18 +62,18 @@ def run(engine: Engine, prompt: list[int], lead: int,
     while len(stamps) < lead:
         time.sleep(0.01)
     arrived, cpu = time.perf_counter(), time.process_time()
-    long = engine.generate_ids(prompt, SamplingParams(max_tokens=after, **GREEDY))
+    long = engine.generate_ids(prompt, SamplingParams(max_tokens=after, min_tokens=after,
+                                                      **GREEDY))
     long.text()
+    reader.join()
     done, cpu = time.perf_counter(), time.process_time() - cpu
     first = arrived + long.result.time_to_first_token
-    running.cancel()
-    reader.join()
     engine.output.take = take
+    assert running.result.output_token_count == n, "the stream ended before the prompt did"
     during = [t for t in stamps if arrived <= t <= first + 1e-3]
     edges = [max(t for t in stamps if t < arrived)] + during
     gap = max(b - a for a, b in zip(edges, edges[1:])) if len(edges) > 1 else done - arrived
-    window = [t for t in stamps if arrived <= t <= done]
-    tokens = len(prompt) + long.result.output_token_count + len(window)
+    tokens = len(prompt) + long.result.output_token_count + rest
     return gap, tokens / (done - arrived), tokens / cpu, len(during)
 
 
@@ -71,7 +81,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=8192)
-    ap.add_argument("--budgets", default="2048,512")
+    ap.add_argument("--budgets", default="2048,512,2048,512")
+    ap.add_argument("--rest", type=int, default=40,
+                    help="the stream's tokens after the prompt arrives (outlasting its prefill)")
     ap.add_argument("--dtype", default="float32", help="bf16 matmul is slow on CPUs without "
                                                         "AMX (the CI machine: 6x fp32's time)")
     args = ap.parse_args()
@@ -90,13 +102,17 @@ def main() -> None:
     for budget in [int(b) for b in args.budgets.split(",")]:
         engine = Engine(model, tokenizer, prefill_budget=budget)
         try:
-            gap, rate, per_cpu, n = run(engine, prompt, lead=3, after=4)
+            gap, rate, per_cpu, n = run(engine, prompt, lead=3, after=4, rest=args.rest)
         finally:
             engine.close()
         rows.append((budget, gap, rate, per_cpu))
         print(f"{budget:>15} {gap:>14.2f} {rate:>9.1f} {per_cpu:>13.1f} {n:>14}", flush=True)
     base = rows[0]
-    for budget, gap, rate, per_cpu in rows[1:]:
+    for row in rows[1:]:
+        if row[0] == base[0]:
+            base = row
+            continue
+        budget, gap, rate, per_cpu = row
         print(f"budget {budget} vs {base[0]}: longest gap x{gap / base[1]:.2f}, "
               f"throughput x{rate / base[2]:.3f} (per CPU second x{per_cpu / base[3]:.3f})")
 

@@ -1,4 +1,5 @@
-"""`python -m chatglm3`: chat, generate, encode and download from the command line.
+"""`python -m chatglm3`: chat, generate, encode, download and serve from the command line
+(the commands; their flags are in cli_args.py).
 
 The answer (or the JSON record) goes to stdout; what the program is doing (loading, progress,
 notes) goes to stderr, so `generate ... > answer.txt` keeps only the answer.
@@ -14,182 +15,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from .cli_args import build_parser
 from .messages import build_messages
-from .params import (
-    CONTEXT,
-    MAX_PENALTY,
-    MIN_PENALTY,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    GREEDY_BELOW_TEMPERATURE,
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
-    MAX_STOP_LENGTH,
-    MAX_STOP_SEQUENCES,
-    MAX_TEMPERATURE,
-    MIN_REPETITION_PENALTY,
-    SamplingParams,
-)
-from .settings import DECODE_STEPS, DEVICES, DTYPES, Settings, add_arguments  # noqa: F401
+from .params import SamplingParams
+from .settings import Settings
 from .tokenizer import ChatGLMTokenizer, Message
 
 if TYPE_CHECKING:  # torch and transformers load only once a command needs the model
     import torch
 
     from .engine import Engine, Generation
-
-_DEFAULTS = SamplingParams()  # the defaults params.py has no named constant for (top_k, ...)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line, not a usage block."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _weights_parser(what: str) -> OneLineParser:
-    parser = OneLineParser(add_help=False)
-    parser.add_argument(
-        "--weights", default=None, metavar="PATH_OR_REPO",
-        help=f"{what}, a hub repo id (owner/name[@revision]) or the https URL of a .tar/.tar.gz; "
-             "a relative path is taken from the current directory (default: the repository's "
-             "weights/ directory, fetched from the hub if empty)")
-    return parser
-
-
-def _runtime_parser() -> OneLineParser:
-    """The load-time settings' flags (settings.OPTIONS: the same definitions predict.py's
-    environment variables use)."""
-    parser = OneLineParser(add_help=False)
-    add_arguments(parser)
-    return parser
-
-
-def _input_parser() -> OneLineParser:
-    """The conversation of one request: system prompt, history and the new prompt."""
-    parser = OneLineParser(add_help=False)
-    parser.add_argument("--system", default="", metavar="TEXT",
-                        help="system prompt (default: none)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", metavar="TEXT",
-                        help="the user message; '-' reads it from standard input "
-                             "(--prompt=TEXT for a text that starts with '-')")
-    source.add_argument("--prompt-file", metavar="PATH",
-                        help="read the user message from this UTF-8 file")
-    parser.add_argument("--history", default="", metavar="JSON",
-                        help='earlier turns as a JSON list: [{"role": "user", "content": "..."}, '
-                             '...] or [["question", "answer"], ...] (default: none)')
-    return parser
-
-
-def _sampling_parser(reports_seed: str) -> OneLineParser:
-    """Every default and range here comes from params.py, which SamplingParams.validate checks.
-    `reports_seed`: where the command shows a random seed it drew."""
-    parser = OneLineParser(add_help=False)
-    parser.add_argument(
-        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
-        help=f"tokens to generate at most, 1-{CONTEXT} (cut to the room the prompt leaves in the "
-             f"{CONTEXT}-token context; default {DEFAULT_MAX_TOKENS})")
-    parser.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
-        help=f"sampling temperature, 0-{MAX_TEMPERATURE:g} (below {GREEDY_BELOW_TEMPERATURE:g} "
-             f"= greedy; default {DEFAULT_TEMPERATURE:g})")
-    parser.add_argument(
-        "--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
-        help=f"nucleus sampling, 0-1 (1 = off, 0 = greedy; default {DEFAULT_TOP_P:g})")
-    parser.add_argument(
-        "--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
-        help=f"sample among the K likeliest tokens, 0 or more (0 = off; "
-             f"default {_DEFAULTS.top_k})")
-    parser.add_argument(
-        "--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, metavar="R",
-        help=f"penalty on tokens already seen, {MIN_REPETITION_PENALTY:g}-"
-             f"{MAX_REPETITION_PENALTY:g} (1 = off; default {_DEFAULTS.repetition_penalty:g})")
-    parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS.seed, metavar="S",
-        help=f"random seed, 0-{MAX_SEED} (default: a random one, {reports_seed})")
-    # One value per flag: with nargs="+" a prompt after `--stop X` became a second stop string.
-    parser.add_argument(
-        "--stop", action="append", default=[], metavar="TEXT",
-        help=f"end the answer at this text (not included); repeat for more: --stop A --stop B "
-             f"(at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_LENGTH} characters; "
-             f"default: none)")
-    parser.add_argument(
-        "--min-tokens", type=int, default=_DEFAULTS.min_tokens, metavar="N",
-        help=f"fewest tokens to generate: the end tokens are held back until then, 0-{CONTEXT} "
-             f"(0 = off; default {_DEFAULTS.min_tokens})")
-    parser.add_argument(
-        "--presence-penalty", type=float, default=_DEFAULTS.presence_penalty, metavar="P",
-        help=f"subtracted once from every token already generated, {MIN_PENALTY:g} to "
-             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.presence_penalty:g})")
-    parser.add_argument(
-        "--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty, metavar="F",
-        help=f"subtracted once per time a token was already generated, {MIN_PENALTY:g} to "
-             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.frequency_penalty:g})")
-    return parser
-
-
-def build_parser() -> OneLineParser:
-    model = _weights_parser("checkpoint directory")
-    runtime = _runtime_parser()
-    request = _input_parser()
-
-    parser = OneLineParser(
-        prog="python -m chatglm3",
-        description="ChatGLM3-6B-32K: chat, generate, encode and download. The answer (or JSON "
-                    "record) goes to stdout; loading and progress messages go to stderr.",
-        epilog="'python -m chatglm3 COMMAND --help' lists each command's options, with their "
-               "defaults and ranges.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
-    chat = sub.add_parser("chat", parents=[model, runtime, _sampling_parser("which --stats shows")],
-                          help="interactive chat (type 'clear' to start over, 'stop' to quit)",
-                          description="Interactive chat: type a message, get the answer "
-                                      "streamed; 'clear' starts over, 'stop' (or Ctrl-D) quits, "
-                                      "Ctrl-C cuts an answer short.")
-    chat.add_argument("--system", default="", metavar="TEXT",
-                      help="system prompt (default: none)")
-    chat.add_argument("--stats", action="store_true",
-                      help="print token counts and speed after each answer")
-
-    gen = sub.add_parser("generate", parents=[model, runtime, request,
-                                              _sampling_parser("which --json reports")],
-                         help="answer one prompt",
-                         description="Answer one prompt, streamed to stdout (Ctrl-C stops it "
-                                     "with exit code 130).")
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON record (text, ids, counts, stop_reason, seed) "
-                          "instead of streaming the text")
-
-    sub.add_parser("encode", parents=[_weights_parser("directory holding tokenizer.model "
-                                                      "(a checkpoint, or just the tokenizer)"),
-                                      request],
-                   help="print the chat input ids as JSON",
-                   description="Print the chat input ids (the official build_chat_input) as "
-                               "JSON; needs only the tokenizer.")
-
-    from .api import serve  # its flags only: no web framework or torch import here
-
-    srv = sub.add_parser("serve", parents=[model, runtime],
-                         help="an OpenAI-compatible API (and chat page) on one batched engine",
-                         description="Serve /v1/chat/completions, /v1/completions, /v1/models "
-                                     "and /health (OpenAI's API) on one engine: concurrent "
-                                     "requests share decoding steps.")
-    serve.add_arguments(srv)
-
-    dl = sub.add_parser("download", help="fetch the weights with progress",
-                        description="Fetch and verify a checkpoint; prints its directory.")
-    dl.add_argument("--revision", default=None,
-                    help="hub revision (default: the pinned one, or env CHATGLM3_REVISION)")
-    dl.add_argument("--dir", default=None,
-                    help="destination (default: the repository's weights/ directory, or env "
-                         "CHATGLM3_WEIGHTS_DIR)")
-    dl.add_argument("--weights", default=None, metavar="REPO_OR_URL",
-                    help="hub repo id or https URL of a .tar/.tar.gz (default: the official "
-                         "32k repo)")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,8 @@ from .params import SamplingParams
 from .quantize import compute_dtype, model_mode, weight_bytes
 from .rows import RowAllocator
 from .sampling import RequestSampling
-from .scheduler import PrefillChunk, Request, Scheduler
+from .scheduler import Request, Scheduler
+from .steps import Steps
 from .settings import DEFAULT_MAX_BATCH, PREFILL_BUDGET
 from .tokenizer import ChatGLMTokenizer, Message
 from .warmup import WarmUp, warm_up
@@ -127,13 +128,13 @@ class Engine:
         self.rows.scratch = scratch
         self.scheduler = Scheduler(self.rows, self.max_batch, PREFILL_CHUNK, prefill_budget)
         self.output = OutputProcessor(tokenizer)
+        self.steps = Steps(self.scheduler, self.rows, self.runner, self.output)
         self._incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._wake = threading.Condition()
         self._pending = 0
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()  # run by the worker
         self._worker: threading.Thread | None = None
         self._closed = False
-        self._steps = self._decoded = 0  # stats(): decoding steps and the tokens they made
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path | None = None, device: str | torch.device = "auto",
@@ -197,7 +198,7 @@ class Engine:
                            len(self.scheduler.waiting) + self._pending,
                            len(self.scheduler.running),
                            len(self.rows.prefix) if self.rows.prefix is not None else 0,
-                           self._steps, self._decoded)
+                           self.steps.decode_steps, self.steps.decoded_tokens)
 
     def prefix_cache_entries(self) -> list[tuple[int, int]]:
         """The cached entries as (cache row, positions held), least recently used first.
@@ -342,9 +343,9 @@ class Engine:
                     self._run_job(*job)
                     continue
                 if plan.prefill is not None:
-                    self._prefill_turn(plan.prefill)
+                    self.steps.prefill(plan.prefill)
                 if sched.running:
-                    self._decode_turn()
+                    self.steps.decode()
         for r in sched.drain():
             r.tensors = None
             r.output.finish("cancelled")
@@ -359,97 +360,3 @@ class Engine:
             job.set_result(fn())
         except BaseException as e:  # noqa: BLE001 - handed to the caller waiting on it
             job.set_exception(e)
-
-    def _prefill_turn(self, chunk: PrefillChunk) -> None:
-        """One prefill chunk; at the prompt's end the first token, then a row (or the end).
-        An error fails this request alone; serving goes on."""
-        r, sched = chunk.request, self.scheduler
-        try:
-            if r.cancelled.is_set():
-                self._end_prefill(r, "cancelled")
-                return
-            if r.tensors is None and r.reuse[1]:
-                r.output.result.cached_input_token_count = r.reuse[1]
-                log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
-                          len(r.prompt), r.reuse[0])
-            first = self.runner.prefill(chunk, r.reuse)
-            sched.prefilled(chunk)
-            if first is None:
-                return
-            if self.output.take(r, *first):
-                # Done at its first token (max_tokens 1, a stop token): still worth keeping.
-                self._end_prefill(r, None)
-                return
-            row, moves = sched.end_prefill(r, admit=True)
-            self.runner.admit(r, row, moves)
-            return
-        except torch.OutOfMemoryError:
-            log.warning("out of memory in a prefill chunk", exc_info=True)
-        except Exception as e:  # noqa: BLE001 - reported to the request, serving goes on
-            self.rows.drop_entries()  # it may have failed halfway through moving an entry
-            self._abandon(r)
-            r.output.finish("error", e)
-            return
-        # Out of memory, handled out here: inside the except block the error's traceback
-        # still holds the forward pass's tensors.
-        self._abandon(r)
-        error = self._out_of_memory(f"prefill of a {len(r.prompt):,}-token prompt")
-        r.output.finish("error", OutOfMemory(error))
-
-    def _end_prefill(self, r: Request, reason: str | None) -> None:
-        """r ends before it gets a row: its prefill cache becomes a prefix cache entry."""
-        row = self.rows.keep_prefill(r.prompt, self.runner.prefill_length(r))
-        if row is not None:
-            self.runner.store_entry(r, row)
-        self._abandon(r)
-        if reason is not None:
-            r.output.finish(reason)
-
-    def _abandon(self, r: Request) -> None:
-        r.tensors = None
-        if r is self.scheduler.prefilling:
-            self.scheduler.end_prefill(r, admit=False)
-        elif r in self.scheduler.running:  # failed while being admitted: it was added last
-            self.scheduler.running.remove(r)
-
-    def _decode_turn(self) -> None:
-        """One decoding step of every running request; an error fails them all (they share
-        the step), and serving goes on."""
-        sched = self.scheduler
-        try:
-            gone, moves = sched.release_cancelled()
-            self.runner.apply(moves)
-            for r in gone:
-                r.output.finish("cancelled")
-            if not sched.running:
-                return
-            tokens, logprobs = self.runner.decode(sched.running)
-            self._steps += 1
-            self._decoded += len(tokens)
-            for i, token in reversed(list(enumerate(tokens))):
-                if self.output.take(sched.running[i], token, logprobs and logprobs[i]):
-                    self.runner.apply(sched.finished(i))
-            return
-        except torch.OutOfMemoryError:
-            log.warning("out of memory in a decoding step", exc_info=True)
-        except Exception as e:  # noqa: BLE001
-            for r in sched.fail_running():
-                r.output.finish("error", e)
-            self.rows.drop_entries()  # it may have failed halfway through a row swap
-            return
-        failed = sched.fail_running()
-        n = len(failed)
-        error = self._out_of_memory(f"a decoding step of {n} request{'s' if n != 1 else ''}")
-        for r in failed:
-            r.output.finish("error", OutOfMemory(error))
-
-    def _out_of_memory(self, during: str) -> str:
-        """Frees what the failed requests held (they have let go of it); returns the message
-        to fail each of them with."""
-        idle = not self.scheduler.running
-        if idle:
-            self.rows.drop_entries()
-        self.runner.out_of_memory(idle)
-        where = "GPU memory" if self.device.type == "cuda" else "memory"
-        return (f"out of {where} during {during}; the request was dropped and the server goes "
-                "on (a shorter prompt or fewer max_tokens may fit, or retry when it is less busy)")

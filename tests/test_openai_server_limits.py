@@ -133,6 +133,14 @@ def test_hostile_input_is_answered_in_words_and_the_server_keeps_serving(
     assert server.alive()
 
 
+def test_an_oversized_body_is_the_sdks_413(server) -> None:
+    with pytest.raises(openai.APIStatusError, match="over the limit") as e:
+        sdk(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x" * (9 * 2**20)}])
+    assert e.value.status_code == 413
+    assert server.alive()
+
+
 def test_nulls_are_the_defaults(server) -> None:
     status, _, body = server.request("POST", "/v1/chat/completions", {
         "model": MODEL, "messages": HELLO, "max_tokens": 3, "temperature": None, "top_p": None,

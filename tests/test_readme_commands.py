@@ -114,3 +114,50 @@ def test_the_local_server_command_fetches_and_serves_two_at_once(tmp_path: Path,
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, 9)
         log.close()
+
+
+def test_the_openai_server_commands_answer(tmp_path: Path, hub: FakeHub) -> None:
+    """The README's `serve` command on a fresh clone (it fetches the weights), then its curl
+    and openai SDK examples against it; port 8000 replaced by a free one."""
+    import json
+    import sys
+
+    serve_cmd = readme_command("scripts/run serve")
+    curl_cmd = readme_command("curl http://127.0.0.1:8000/v1/chat/completions")
+    sdk_example = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
+                   if "OpenAI(base_url" in b]
+    assert len(sdk_example) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = fresh_env(tmp_path, hub)
+    proc = subprocess.Popen(["bash", "-c", serve_cmd.replace("8000", port)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving on" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(300) and proc.poll() is None, "".join(lines)[-3000:]
+        assert f"http://127.0.0.1:{port}" in lines[-1]
+        out = subprocess.run(["bash", "-c", curl_cmd.replace("8000", port) + " -sS"],
+                             capture_output=True, text=True, timeout=120)
+        answer = json.loads(out.stdout)
+        assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] > 0
+        out = subprocess.run([sys.executable, "-c", sdk_example[0].replace("8000", port)],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
+    finally:
+        try:
+            os.killpg(proc.pid, 2)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, 9)

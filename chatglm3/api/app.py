@@ -11,12 +11,9 @@ step.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import logging
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
@@ -27,21 +24,19 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .. import webchat
-from ..errors import OutOfMemory, PromptTooLong, RequestTooLarge
-from ..output import Delta, Generation, GenerationResult
+from ..errors import PromptTooLong, RequestTooLarge
+from ..output import Generation, GenerationResult
 from ..scheduler import Request as EngineRequest
 from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
 from .responses import FINISH_REASONS, LogprobWriter, new_id, now, timings, usage
+from .streams import RETRY_AFTER_SECONDS, collect, merged, sse
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 1
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -246,8 +241,8 @@ class Api:
         rid = new_id("chatcmpl")
         gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)])
         if req.stream:
-            return _sse(self._chat_chunks(rid, req, gens))
-        results = await self._collect(request, gens)
+            return sse(self._chat_chunks(rid, req, gens))
+        results = await collect(request, gens)
         choices = []
         for i, r in enumerate(results):
             choices.append({
@@ -275,7 +270,7 @@ class Api:
 
         for i in range(len(gens)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, delta, entries in self._merged(gens):
+        async for i, delta, entries in merged(gens):
             if delta is not None:
                 yield chunk(i, {"content": delta.text}, entries)
             else:
@@ -298,8 +293,8 @@ class Api:
         per = len(req.params)
         echoes = [self._echo(req, k // per) for k in range(len(gens))]
         if req.stream:
-            return _sse(self._completion_chunks(rid, req, gens, echoes))
-        results = await self._collect(request, gens)
+            return sse(self._completion_chunks(rid, req, gens, echoes))
+        results = await collect(request, gens)
         choices = []
         for k, r in enumerate(results):
             choices.append({
@@ -347,7 +342,7 @@ class Api:
         for k, echo in enumerate(echoes):
             if echo:
                 yield chunk(k, echo)
-        async for k, delta, entries in self._merged(gens):
+        async for k, delta, entries in merged(gens):
             if delta is not None:
                 yield chunk(k, delta.text, entries)
             else:
@@ -357,80 +352,3 @@ class Api:
             results = [g.result for g in gens]
             yield {**base, "choices": [], "usage": usage(results, len(req.prompts)),
                    "timings": timings(results)}
-
-    # ---- waiting for generations ----
-
-    async def _merged(self, gens: list[Generation]) -> AsyncIterator[tuple]:
-        """(choice, delta, its tokens' logprobs) as they come, then (choice, None, the rest
-        of its logprobs) at its end; every choice cancelled if the consumer stops early (a
-        client gone). A failed generation raises (OutOfMemory, or an internal error)."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        for g in gens:
-            g.notify(lambda: loop.call_soon_threadsafe(ready.set))
-        seen = [0] * len(gens)
-        live = set(range(len(gens)))
-        try:
-            while live:
-                ready.clear()
-                got = False
-                for i in sorted(live):
-                    g = gens[i]
-                    try:
-                        batch = g.ready()
-                    except OutOfMemory as e:
-                        raise ApiError(503, str(e), code="out_of_memory",
-                                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e
-                    for d in batch:
-                        got = True
-                        entries = g.result.logprobs[seen[i]:d.tokens]
-                        seen[i] = d.tokens
-                        yield i, d, entries
-                    if g.done:
-                        got = True
-                        live.discard(i)
-                        yield i, None, g.result.logprobs[seen[i]:]
-                if not got:
-                    await ready.wait()
-        finally:
-            for g in gens:
-                g.cancel()
-
-    async def _collect(self, request: Request, gens: list[Generation]
-                       ) -> list[GenerationResult]:
-        """Runs the choices to their ends; a client that disconnects first cancels them."""
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            for g in gens:
-                g.cancel()
-
-        watcher = asyncio.create_task(watch())
-        try:
-            async for _ in self._merged(gens):
-                pass
-        finally:
-            watcher.cancel()
-        return [g.result for g in gens]
-
-
-def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error mid-stream
-    is one `data: {"error": ...}` event (the openai SDK raises it), and the stream ends."""
-    async def events() -> AsyncIterator[str]:
-        try:
-            async for c in chunks:
-                yield f"data: {json.dumps(c, ensure_ascii=False, separators=(',', ':'))}\n\n"
-        except ApiError as e:
-            yield f"data: {json.dumps(e.body(), ensure_ascii=False)}\n\n"
-            return
-        except Exception:  # noqa: BLE001 - a failed step: said in words, logged in full
-            log.exception("generation failed mid-stream")
-            body = ApiError(500, "the generation failed (internal error, logged on the "
-                                 "server); the server goes on").body()
-            yield f"data: {json.dumps(body)}\n\n"
-            return
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
 from ..params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_LOGPROBS,
-                      SamplingParams, SettingsError)
+                      MAX_SEED, SamplingParams, SettingsError)
 from ..tokenizer import Message
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
@@ -181,8 +181,10 @@ def _options(body: dict, served: str, logprobs: int | None, default_max: str) ->
     names = {"max_tokens": max_name, "stop_sequences": "stop", "logprobs": "logprobs"}
     params = []
     for i in range(n):
-        # Choice i with seed s draws from seed s + i: reproducible, and the choices differ.
-        choice_seed = None if seed is None else (int(seed) + i if seed >= 0 else seed)
+        # Choice i with seed s draws from seed s + i (wrapping past MAX_SEED): reproducible,
+        # and the choices differ. A seed out of range is SamplingParams' error.
+        ok = seed is not None and 0 <= seed <= MAX_SEED
+        choice_seed = (int(seed) + i) % (MAX_SEED + 1) if ok else seed
         try:
             params.append(SamplingParams(**values, seed=choice_seed, stop=list(stop),
                                          logprobs=logprobs))
@@ -215,8 +217,7 @@ _REFUSED = {
 def _refuse_unsupported(body: dict) -> None:
     for name, why in _REFUSED.items():
         value = body.get(name)
-        if value not in (None, [], {}, "none", "auto") or (
-                name in ("tools", "functions") and value):
+        if value not in (None, [], {}, "none", "auto"):
             raise bad(f"{name}: {why}", name)
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):

@@ -1,0 +1,124 @@
+"""One step's work on the engine's worker thread: a prefill chunk, or a decoding step of every
+running request; the scheduler (scheduler.py) says which, the model runner (model_runner.py)
+runs it, the output processor (output.py) takes its tokens, and the row allocator (rows.py)
+keeps what finished requests leave. A failure fails the requests of that step alone: the
+engine serves on (out of memory: what they held is given back first).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .errors import OutOfMemory
+from .model_runner import ModelRunner
+from .output import OutputProcessor
+from .rows import RowAllocator
+from .scheduler import PrefillChunk, Request, Scheduler
+
+log = logging.getLogger("chatglm3.engine")
+
+
+class Steps:
+    """The worker's two kinds of step, and counts of the decoding steps run (stats())."""
+
+    def __init__(self, scheduler: Scheduler, rows: RowAllocator, runner: ModelRunner,
+                 output: OutputProcessor) -> None:
+        self.scheduler, self.rows, self.runner, self.output = scheduler, rows, runner, output
+        self.decode_steps = 0  # decoding steps run since the start
+        self.decoded_tokens = 0  # tokens they made: / decode_steps = the mean batch
+
+    def prefill(self, chunk: PrefillChunk) -> None:
+        """One prefill chunk; at the prompt's end the first token, then a row (or the end).
+        An error fails this request alone; serving goes on."""
+        r, sched = chunk.request, self.scheduler
+        try:
+            if r.cancelled.is_set():
+                self._end_prefill(r, "cancelled")
+                return
+            if r.tensors is None and r.reuse[1]:
+                r.output.result.cached_input_token_count = r.reuse[1]
+                log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
+                          len(r.prompt), r.reuse[0])
+            first = self.runner.prefill(chunk, r.reuse)
+            sched.prefilled(chunk)
+            if first is None:
+                return
+            if self.output.take(r, *first):
+                # Done at its first token (max_tokens 1, a stop token): still worth keeping.
+                self._end_prefill(r, None)
+                return
+            row, moves = sched.end_prefill(r, admit=True)
+            self.runner.admit(r, row, moves)
+            return
+        except torch.OutOfMemoryError:
+            log.warning("out of memory in a prefill chunk", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - reported to the request, serving goes on
+            self.rows.drop_entries()  # it may have failed halfway through moving an entry
+            self._abandon(r)
+            r.output.finish("error", e)
+            return
+        # Out of memory, handled out here: inside the except block the error's traceback
+        # still holds the forward pass's tensors.
+        self._abandon(r)
+        error = self._out_of_memory(f"prefill of a {len(r.prompt):,}-token prompt")
+        r.output.finish("error", OutOfMemory(error))
+
+    def _end_prefill(self, r: Request, reason: str | None) -> None:
+        """r ends before it gets a row: its prefill cache becomes a prefix cache entry."""
+        row = self.rows.keep_prefill(r.prompt, self.runner.prefill_length(r))
+        if row is not None:
+            self.runner.store_entry(r, row)
+        self._abandon(r)
+        if reason is not None:
+            r.output.finish(reason)
+
+    def _abandon(self, r: Request) -> None:
+        r.tensors = None
+        if r is self.scheduler.prefilling:
+            self.scheduler.end_prefill(r, admit=False)
+        elif r in self.scheduler.running:  # failed while being admitted: it was added last
+            self.scheduler.running.remove(r)
+
+    def decode(self) -> None:
+        """One decoding step of every running request; an error fails them all (they share
+        the step), and serving goes on."""
+        sched = self.scheduler
+        try:
+            gone, moves = sched.release_cancelled()
+            self.runner.apply(moves)
+            for r in gone:
+                r.output.finish("cancelled")
+            if not sched.running:
+                return
+            tokens, logprobs = self.runner.decode(sched.running)
+            self.decode_steps += 1
+            self.decoded_tokens += len(tokens)
+            for i, token in reversed(list(enumerate(tokens))):
+                if self.output.take(sched.running[i], token, logprobs and logprobs[i]):
+                    self.runner.apply(sched.finished(i))
+            return
+        except torch.OutOfMemoryError:
+            log.warning("out of memory in a decoding step", exc_info=True)
+        except Exception as e:  # noqa: BLE001
+            for r in sched.fail_running():
+                r.output.finish("error", e)
+            self.rows.drop_entries()  # it may have failed halfway through a row swap
+            return
+        failed = sched.fail_running()
+        n = len(failed)
+        error = self._out_of_memory(f"a decoding step of {n} request{'s' if n != 1 else ''}")
+        for r in failed:
+            r.output.finish("error", OutOfMemory(error))
+
+    def _out_of_memory(self, during: str) -> str:
+        """Frees what the failed requests held (they have let go of it); returns the message
+        to fail each of them with."""
+        idle = not self.scheduler.running
+        if idle:
+            self.rows.drop_entries()
+        self.runner.out_of_memory(idle)
+        where = "GPU memory" if self.runner.device.type == "cuda" else "memory"
+        return (f"out of {where} during {during}; the request was dropped and the server goes "
+                "on (a shorter prompt or fewer max_tokens may fit, or retry when it is less busy)")

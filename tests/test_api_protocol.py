@@ -1,0 +1,76 @@
+"""The OpenAI body reader alone (no server, no model): each choice's settings, the API's field
+names in errors, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatglm3.api.protocol import (MAX_N, ApiError, parse_chat, parse_completion, parse_json)
+from chatglm3.params import MAX_SEED
+
+BASE = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def error(fn, *args) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        fn(*args)
+    return e.value
+
+
+def test_each_choice_gets_its_own_seed_wrapping_at_the_limit() -> None:
+    assert [p.seed for p in parse_chat({**BASE, "n": 3, "seed": 7}, "m").params] == [7, 8, 9]
+    assert [p.seed for p in parse_chat({**BASE, "n": 2, "seed": MAX_SEED}, "m").params] == [
+        MAX_SEED, 0]
+    assert [p.seed for p in parse_chat({**BASE, "n": 2}, "m").params] == [None, None]
+
+
+def test_errors_use_the_apis_field_names() -> None:
+    e = error(parse_chat, {**BASE, "stop": ["x"] * 17}, "m")
+    assert e.param == "stop" and "stop:" in e.message and "stop_sequences" not in e.message
+    e = error(parse_chat, {**BASE, "max_completion_tokens": 0}, "m")
+    assert e.param == "max_completion_tokens"
+    e = error(parse_chat, {**BASE, "temperature": 6, "top_p": 2}, "m")
+    assert e.param == "temperature" and "top_p" in e.message  # every bad field, the first named
+    assert error(parse_chat, {**BASE, "n": MAX_N + 1}, "m").param == "n"
+    assert error(parse_chat, {**BASE, "model": "other"}, "m").status == 404
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("tools", [{"type": "function"}], "tool calls"),
+    ("function_call", {"name": "f"}, "function calls"),
+    ("logit_bias", {"1": 2}, "not supported"),
+    ("response_format", {"type": "json_object"}, "no JSON mode"),
+])
+def test_what_the_model_cannot_do_is_refused_in_words(field, value, words) -> None:
+    e = error(parse_chat, {**BASE, field: value}, "m")
+    assert e.status == 400 and e.param == field and words in e.message
+
+
+def test_messages_roles_and_parts() -> None:
+    req = parse_chat({**BASE, "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None}, {"role": "user", "content": "c"}]}, "m")
+    assert [(m.role, m.content) for m in req.messages] == [
+        ("system", "be brief"), ("user", "ab"), ("assistant", ""), ("user", "c")]
+    assert "system message may only be the first" in error(parse_chat, {**BASE, "messages": [
+        {"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+        {"role": "user", "content": "c"}]}, "m").message
+
+
+def test_completion_prompts_in_every_form() -> None:
+    assert parse_completion({"model": "m", "prompt": "x"}, "m").prompts == ["x"]
+    assert parse_completion({"model": "m", "prompt": [1, 2]}, "m").prompts == [[1, 2]]
+    assert parse_completion({"model": "m", "prompt": [[1], [2, 3]]}, "m").prompts == [[1], [2, 3]]
+    assert error(parse_completion, {"model": "m", "prompt": [1, "x"]}, "m").param == "prompt"
+    assert error(parse_completion, {"model": "m", "prompt": ["a"] * 9, "n": 2}, "m").param == \
+        "prompt"
+    assert error(parse_completion, {"model": "m", "prompt": "x", "suffix": "y"}, "m").param == \
+        "suffix"
+
+
+def test_json_depth_is_checked_before_parsing() -> None:
+    assert parse_json(json.dumps(BASE).encode()) == BASE
+    assert "nested" in error(parse_json, b"[" * 10**6).message  # no RecursionError
