@@ -113,8 +113,10 @@ def test_dockerignore_keeps_local_work_out() -> None:
 
     for path in (".venv/bin/python", "weights/pytorch_model-00001-of-00007.bin", "tests/x.py",
                  "bench/out/x.json", "bench/decode.py", ".device/x.whl", ".whl/x.whl",
-                 ".gl/x.deb", ".git/HEAD", ".ci/run", "bench/gpu_run"):
+                 ".gl/x.deb", ".git/HEAD", ".ci/run", "bench/gpu_run", "docs/webchat.png",
+                 "test-artifacts/webchat.png"):
         assert ignored(path), path
     for path in ("predict.py", "chatglm3/engine.py", "cog.yaml", "requirements-image.txt",
-                 ".cog/openapi_schema.json", "weights/README.md"):
+                 ".cog/openapi_schema.json", "weights/README.md",
+                 "chatglm3/webchat/static/app.js"):
         assert not ignored(path), path

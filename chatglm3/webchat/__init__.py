@@ -1,10 +1,17 @@
-"""The browser chat page served by `python -m chatglm3 serve` (issue 22; page and mount not written yet).
+"""The browser chat page served by `python -m chatglm3 serve` at `/` (`--no-web` turns it off).
 
-What is here: the settings the page's controls take, built from chatglm3/params.py so the page can
-never drift from the API's defaults and limits (the server is meant to serve this as JSON), and the
-Content-Security-Policy the page is to be served with.
+A small page of our own (static HTML, one stylesheet, two ES modules; no third-party code, no
+CDN), rather than Gradio: it adds no runtime dependency to the server or the Cog image, ships as
+package data of a few KB, and talks to the server's own OpenAI API (/v1/chat/completions,
+streamed), so the page exercises exactly what every other client uses.
+
+What is here: the routes the API app mounts (`routes()`), the settings the page's controls take,
+built from chatglm3/params.py so the page can never drift from the API's defaults and limits,
+and the Content-Security-Policy every page response carries.
 """
 from __future__ import annotations
+
+from importlib import resources
 
 from chatglm3 import params
 
@@ -15,6 +22,24 @@ CONTENT_SECURITY_POLICY = (
     "frame-ancestors 'none'"
 )
 
+# The page's files (chatglm3/webchat/static/) and their types: only these are served, so no
+# request path ever reaches the file system.
+ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "markdown.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
+}
+
+HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Small files: always revalidated, so a server upgrade never leaves an old page cached.
+    "Cache-Control": "no-cache",
+}
+
 
 def page_settings() -> dict[str, dict[str, float | int]]:
     """Default, minimum and maximum of each sampling control, the same the API validates against."""
@@ -24,3 +49,37 @@ def page_settings() -> dict[str, dict[str, float | int]]:
         "top_p": {"default": params.DEFAULT_TOP_P, "min": 0, "max": 1},
         "max_tokens": {"default": params.DEFAULT_MAX_TOKENS, "min": 1, "max": params.CONTEXT},
     }
+
+
+def asset_bytes(name: str) -> bytes:
+    """One of the page's files, read from the installed package."""
+    return resources.files(__package__).joinpath("static", name).read_bytes()
+
+
+def routes(model_name: str, auth_required: bool) -> list:
+    """The page's routes, public (the API calls the page makes carry the key): `GET /`,
+    `GET /webchat/settings.json` and `GET /webchat/<asset>`. The files are read once, here."""
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    files = {name: (asset_bytes(name), kind) for name, kind in ASSETS.items()}
+    settings = {**page_settings(), "model": model_name, "auth": auth_required}
+
+    async def index(request: Request) -> Response:
+        body, kind = files["index.html"]
+        return Response(body, media_type=kind, headers=HEADERS)
+
+    async def page_settings_json(request: Request) -> Response:
+        return JSONResponse(settings, headers=HEADERS)
+
+    async def asset(request: Request) -> Response:
+        found = files.get(request.path_params["name"])
+        if found is None:
+            raise HTTPException(404)
+        return Response(found[0], media_type=found[1], headers=HEADERS)
+
+    return [Route("/", index, methods=["GET", "HEAD"]),
+            Route("/webchat/settings.json", page_settings_json, methods=["GET", "HEAD"]),
+            Route("/webchat/{name}", asset, methods=["GET", "HEAD"])]
