@@ -53,6 +53,15 @@ def fresh_env(tmp_path: Path, hub: FakeHub, **extra: str) -> dict[str, str]:
     return env
 
 
+def stop_group(proc: subprocess.Popen, sig: int) -> None:
+    """Stops a command's whole process group (bash and what it started): `sig`, then kill."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, 9)
+
+
 def test_the_model_command_fetches_and_chats(tmp_path: Path, hub: FakeHub) -> None:
     command = readme_command("scripts/run chat")
     assert command == "scripts/run chat"
@@ -108,11 +117,7 @@ def test_the_local_server_command_fetches_and_serves_two_at_once(tmp_path: Path,
             assert body["metrics"]["output_token_count"] > 0
         assert "batch 8" in (tmp_path / "server.log").read_text(errors="replace")
     finally:
-        try:
-            os.killpg(proc.pid, 15)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, 9)
+        stop_group(proc, 15)
         log.close()
 
 
@@ -156,8 +161,4 @@ def test_the_openai_server_commands_answer(tmp_path: Path, hub: FakeHub) -> None
                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
     finally:
-        try:
-            os.killpg(proc.pid, 2)
-            proc.wait(20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, 9)
+        stop_group(proc, 2)
