@@ -127,7 +127,7 @@ def test_the_openai_server_commands_answer(tmp_path: Path, hub: FakeHub) -> None
     import json
     import sys
 
-    serve_cmd = readme_command("scripts/run serve")
+    serve_cmd = readme_command("scripts/run serve --port 8000")
     curl_cmd = readme_command("curl http://127.0.0.1:8000/v1/chat/completions")
     sdk_example = [b for b in re.findall(r"```python\n(.*?)```", README, re.S)
                    if "OpenAI(base_url" in b]
