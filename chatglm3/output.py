@@ -20,8 +20,9 @@ import asyncio
 import queue
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
 
 from .sampling import TokenLogprob
 from .streaming import IncrementalDetokenizer, StopMatcher
@@ -172,27 +173,16 @@ class Generation:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         """Async iteration over the text deltas (see `deltas`)."""
-        async for delta in self.deltas():
-            yield delta.text
+        async with aclosing(self.deltas()) as deltas:
+            async for delta in deltas:
+                yield delta.text
 
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The deltas with their token counts, on an event loop: the worker wakes this loop;
-        no thread waits per stream."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-        self.notify(lambda: loop.call_soon_threadsafe(ready.set))
-        try:
-            while True:
-                ready.clear()
-                batch = self.ready()
-                for delta in batch:
+        """The deltas with their token counts, on an event loop (see `merge`)."""
+        async with aclosing(merge([self])) as events:
+            async for _, delta in events:
+                if delta is not None:
                     yield delta
-                if self.done:
-                    return
-                if not batch:
-                    await ready.wait()
-        finally:
-            self.cancel()
 
     def notify(self, wake: Callable[[], None]) -> None:
         """Calls `wake` (from the worker thread) whenever something new is ready; for consumers
@@ -242,3 +232,31 @@ class Generation:
         """Runs to the end and returns the whole text."""
         return "".join(self)
 
+
+async def merge(gens: Sequence[Generation]) -> AsyncIterator[tuple[int, Delta | None]]:
+    """The deltas of one or many generations (a server's n choices) as they come, on an event
+    loop: (index, delta), then (index, None) at each one's end. The worker thread wakes one
+    event for all of them; no thread waits per stream. Every generation is cancelled when the
+    consumer stops early (a client gone); a failed one raises its error."""
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    for g in gens:
+        g.notify(lambda: loop.call_soon_threadsafe(ready.set))
+    live = set(range(len(gens)))
+    try:
+        while live:
+            ready.clear()
+            got = False
+            for i in sorted(live):
+                for delta in gens[i].ready():
+                    got = True
+                    yield i, delta
+                if gens[i].done:
+                    got = True
+                    live.discard(i)
+                    yield i, None
+            if not got:
+                await ready.wait()
+    finally:
+        for g in gens:
+            g.cancel()

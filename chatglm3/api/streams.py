@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import aclosing
 from typing import AsyncIterator
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from ..errors import OutOfMemory
-from ..output import Generation, GenerationResult
+from ..output import Generation, GenerationResult, merge
 from .protocol import ApiError
 
 log = logging.getLogger("chatglm3.api.app")
@@ -21,40 +22,20 @@ RETRY_AFTER_SECONDS = 1
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple]:
-    """(choice, delta, its tokens' logprobs) as they come, then (choice, None, the rest
-    of its logprobs) at its end; every choice cancelled if the consumer stops early (a
-    client gone). A failed generation raises (OutOfMemory, or an internal error)."""
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    for g in gens:
-        g.notify(lambda: loop.call_soon_threadsafe(ready.set))
+    """output.merge with each delta's logprobs: (choice, delta, its tokens' logprobs), then
+    (choice, None, the rest of its logprobs) at its end; out of memory as a 503."""
     seen = [0] * len(gens)
-    live = set(range(len(gens)))
     try:
-        while live:
-            ready.clear()
-            got = False
-            for i in sorted(live):
-                g = gens[i]
-                try:
-                    batch = g.ready()
-                except OutOfMemory as e:
-                    raise ApiError(503, str(e), code="out_of_memory",
-                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e
-                for d in batch:
-                    got = True
-                    entries = g.result.logprobs[seen[i]:d.tokens]
-                    seen[i] = d.tokens
-                    yield i, d, entries
-                if g.done:
-                    got = True
-                    live.discard(i)
-                    yield i, None, g.result.logprobs[seen[i]:]
-            if not got:
-                await ready.wait()
-    finally:
-        for g in gens:
-            g.cancel()
+        async with aclosing(merge(gens)) as events:
+            async for i, delta in events:
+                logprobs = gens[i].result.logprobs
+                end = len(logprobs) if delta is None else delta.tokens
+                entries, seen[i] = logprobs[seen[i]:end], end
+                yield i, delta, entries
+    except OutOfMemory as e:
+        raise ApiError(503, str(e), code="out_of_memory",
+                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e
+
 
 async def collect(request: Request, gens: list[Generation]) -> list[GenerationResult]:
     """Runs the choices to their ends; a client that disconnects first cancels them."""
