@@ -92,6 +92,10 @@ class ChatGLMTokenizer:
         chars = sum(len(m.content) + len(m.metadata) + 1 for m in messages)
         return len(self.prefix_ids) + len(messages) + 1 + -(-chars // self.max_piece_chars)
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), from its length alone (as min_chat_tokens)."""
+        return len(self.prefix_ids) + -(-len(text) // self.max_piece_chars)
+
     def build_chat_input(self, messages: Iterable[Message]) -> list[int]:
         """`[gMASK] sop`, each message, then `<|assistant|>` for the model to answer."""
         ids = list(self.prefix_ids)

@@ -289,7 +289,8 @@ class Api:
             lambda: parse_completion(parse_json(raw), self.config.model_name))
         rid = new_id("cmpl")
         params = [p for _ in req.prompts for p in req.params]
-        gens = await self._start(rid, params, lambda: [self._plain_ids(p) for p in req.prompts])
+        gens = await self._start(rid, params, lambda: [
+            p if isinstance(p, list) else self.engine.encode_plain(p) for p in req.prompts])
         per = len(req.params)
         echoes = [self._echo(req, k // per) for k in range(len(gens))]
         if req.stream:
@@ -312,17 +313,6 @@ class Api:
             return ""
         p = req.prompts[prompt]
         return p if isinstance(p, str) else self.engine.tokenizer.decode(p)
-
-    def _plain_ids(self, prompt: str | list[int]) -> list[int]:
-        """A completion prompt's ids: `[gMASK] sop` and the text (the official encode), no
-        chat format; a text too long for the context is refused from its length alone."""
-        tok, context = self.engine.tokenizer, self.engine.context
-        if isinstance(prompt, list):
-            return prompt
-        bound = len(tok.prefix_ids) + -(-len(prompt) // tok.max_piece_chars)
-        if bound >= context:
-            raise PromptTooLong(bound, context, chars=len(prompt))
-        return tok.encode(prompt)
 
     async def _completion_chunks(self, rid: str, req: CompletionRequest,
                                  gens: list[Generation], echoes: list[str]
