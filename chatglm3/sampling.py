@@ -132,14 +132,16 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     k = max(samplings[i].params.logprobs for i in rows)
     index = torch.tensor(rows, device=logits.device)
     lp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
-    chosen = lp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
+    picked = tokens.index_select(0, index)
+    chosen = lp.gather(1, picked[:, None])[:, 0]
     values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    chosen_h, values_h, ids_h, picked = (chosen.tolist(), values.tolist(), ids.tolist(),
-                                         tokens.index_select(0, index).tolist())
+    chosen_h, values_h, ids_h, picked_h = (chosen.tolist(), values.tolist(), ids.tolist(),
+                                           picked.tolist())
     out: list[TokenLogprob | None] = [None] * len(samplings)
     for j, i in enumerate(rows):
         n = samplings[i].params.logprobs
-        out[i] = TokenLogprob(picked[j], chosen_h[j], tuple(zip(ids_h[j][:n], values_h[j][:n])))
+        out[i] = TokenLogprob(picked_h[j], chosen_h[j],
+                              tuple(zip(ids_h[j][:n], values_h[j][:n])))
     return out
 
 

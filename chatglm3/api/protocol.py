@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
-from ..params import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_LOGPROBS,
-                      MAX_SEED, SamplingParams, SettingsError)
+from ..params import MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
 from ..tokenizer import Message
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
@@ -139,7 +138,7 @@ def check_model(body: dict, served: str) -> str:
     return model
 
 
-def _options(body: dict, served: str, logprobs: int | None, default_max: str) -> Options:
+def _options(body: dict, served: str, logprobs: int | None) -> Options:
     """The shared fields: model, n, stream, sampling (one SamplingParams per choice)."""
     model = check_model(body, served)
     n = int(_field(body, "n", _integer, f"an integer from 1 to {MAX_N}", 1))
@@ -148,12 +147,8 @@ def _options(body: dict, served: str, logprobs: int | None, default_max: str) ->
     stream = _field(body, "stream", _boolean, "true or false", False)
     stream_options = _field(body, "stream_options", _object, "an object", {})
     include_usage = _field(stream_options, "include_usage", _boolean, "true or false", False)
-    max_tokens = body.get("max_completion_tokens")
-    max_name = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, max_name = body.get("max_tokens"), default_max
-    if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
+    max_name = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
+                else "max_tokens")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -162,23 +157,16 @@ def _options(body: dict, served: str, logprobs: int | None, default_max: str) ->
     elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad(f"stop: expected a string or a list of strings, got {_describe(stop)}", "stop")
     seed = _field(body, "seed", _integer, "an integer")
-    values = {
-        "max_tokens": max_tokens,
-        "temperature": body.get("temperature", DEFAULT_TEMPERATURE),
-        "top_p": body.get("top_p", DEFAULT_TOP_P),
-        "top_k": body.get("top_k", 0), "repetition_penalty": body.get("repetition_penalty", 1.0),
-        "min_tokens": body.get("min_tokens", 0),
-        "presence_penalty": body.get("presence_penalty", 0.0),
-        "frequency_penalty": body.get("frequency_penalty", 0.0),
-    }
+    values = {name: body.get(name) for name in _SAMPLING_FIELDS}
+    values["max_tokens"] = body.get(max_name)
     defaults = SamplingParams()
     for name, value in values.items():
-        if value is None:  # null = the default, as OpenAI takes it
-            values[name] = getattr(defaults, name) if name != "max_tokens" else DEFAULT_MAX_TOKENS
+        if value is None:  # absent or null = the default, as OpenAI takes it
+            values[name] = getattr(defaults, name)
         elif not _number(value):
             param = max_name if name == "max_tokens" else name
             raise bad(f"{param}: expected a number, got {_describe(value)}", param)
-    names = {"max_tokens": max_name, "stop_sequences": "stop", "logprobs": "logprobs"}
+    names = {"max_tokens": max_name, "stop_sequences": "stop"}
     params = []
     for i in range(n):
         # Choice i with seed s draws from seed s + i (wrapping past MAX_SEED): reproducible,
@@ -191,6 +179,12 @@ def _options(body: dict, served: str, logprobs: int | None, default_max: str) ->
         except SettingsError as e:
             raise _renamed(e, names) from None
     return Options(model, params, stream, include_usage, logprobs)
+
+
+# The numeric sampling fields a body may set, by their SamplingParams names (max_tokens comes
+# from max_completion_tokens or max_tokens).
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                    "min_tokens", "presence_penalty", "frequency_penalty")
 
 
 def _renamed(e: SettingsError, names: dict[str, str]) -> ApiError:
@@ -239,7 +233,7 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
         if not 0 <= top <= MAX_LOGPROBS:
             raise bad(f"top_logprobs: must be from 0 to {MAX_LOGPROBS}, got {top}",
                       "top_logprobs")
-    options = _options(body, served, int(top or 0) if want else None, "max_tokens")
+    options = _options(body, served, int(top or 0) if want else None)
     return ChatRequest(**vars(options), messages=parse_messages(body.get("messages")))
 
 
@@ -323,7 +317,7 @@ def parse_completion(body: dict, served: str) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs: must be from 0 to {MAX_LOGPROBS}, got {logprobs}", "logprobs")
     echo = _field(body, "echo", _boolean, "true or false", False)
-    options = _options(body, served, None if logprobs is None else int(logprobs), "max_tokens")
+    options = _options(body, served, None if logprobs is None else int(logprobs))
     best_of = _field(body, "best_of", _integer, "an integer")
     if best_of is not None and best_of != len(options.params):
         raise bad("best_of: only equal to n (this server returns every choice it makes)",
