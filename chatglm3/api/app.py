@@ -173,6 +173,13 @@ class Api:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    async def _parsed(self, request: Request, parse: Callable[[dict, str], object]):
+        """A generating request's body, after the key and the size cap, parsed off the event
+        loop by `parse` (protocol.parse_chat or parse_completion)."""
+        self.authorize(request)
+        raw = await self.read_body(request)
+        return await run_in_threadpool(lambda: parse(parse_json(raw), self.config.model_name))
+
     def _reserve(self, count: int) -> None:
         limit = self.engine.max_batch + self.config.max_waiting
         with self._lock:
@@ -234,10 +241,7 @@ class Api:
     # ---- chat completions ----
 
     async def chat_completions(self, request: Request):
-        self.authorize(request)
-        raw = await self.read_body(request)
-        req: ChatRequest = await run_in_threadpool(
-            lambda: parse_chat(parse_json(raw), self.config.model_name))
+        req: ChatRequest = await self._parsed(request, parse_chat)
         rid = new_id("chatcmpl")
         gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)])
         if req.stream:
@@ -283,10 +287,7 @@ class Api:
     # ---- completions ----
 
     async def completions(self, request: Request):
-        self.authorize(request)
-        raw = await self.read_body(request)
-        req: CompletionRequest = await run_in_threadpool(
-            lambda: parse_completion(parse_json(raw), self.config.model_name))
+        req: CompletionRequest = await self._parsed(request, parse_completion)
         rid = new_id("cmpl")
         params = [p for _ in req.prompts for p in req.params]
         gens = await self._start(rid, params, lambda: [
