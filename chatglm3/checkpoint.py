@@ -6,7 +6,9 @@ tensor names, and loads the official fp16 shards without the repository's remote
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import re
 import sys
 from contextlib import contextmanager
@@ -138,6 +140,38 @@ def _open_shard(path: Path) -> Iterator[dict[str, torch.Tensor]]:
         tensors.clear()
 
 
+_MADV_DONTNEED = 4  # Linux
+
+
+def _drop_file_pages(tensor: torch.Tensor) -> None:
+    """Hands back the pages of a memory-mapped shard that hold `tensor`, once it is copied.
+
+    The pages of a mapped shard count in the process's RSS from the first read until the whole
+    shard is closed, so without this the load peak is the loaded weights plus the whole shard
+    (1 GiB for the first one: embedding and output layer). The mapping is the file's, private
+    and never written, so dropped pages would only be read again from the file if touched (the
+    three views of a fused qkv are each copied before their storage is dropped). Only for
+    torch.load(mmap=True) shards: on anonymous memory MADV_DONTNEED would zero the data."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return  # not Linux
+    storage = tensor.untyped_storage()
+    begin, size = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    lo, hi = -(-begin // page) * page, (begin + size) // page * page  # whole pages inside it
+    if hi > lo:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
 def _shards_with_progress(paths: list[Path], progress: bool) -> Iterator[Path]:
     """The shards, reported on stderr as each one starts: a tqdm bar on a terminal, else one
     line per shard (a log file or a pipe would fill with a bar's carriage returns)."""
@@ -182,8 +216,10 @@ def load_model(
     for path in _shards_with_progress(shard_files(model_dir), progress):
         with _open_shard(path) as shard:
             converted: dict[str, torch.Tensor] = {}
+            mapped = path.suffix != ".safetensors"  # torch.load(mmap=True): file pages
             for name in list(shard):
-                for new_name, tensor in map_tensor(name, shard.pop(name), config).items():
+                raw = shard.pop(name)
+                for new_name, tensor in map_tensor(name, raw, config).items():
                     want = expected.get(new_name)
                     if want is None:
                         raise CheckpointError(f"{path.name}: {name} has no place in the model")
@@ -200,6 +236,9 @@ def load_model(
                         missing.discard(new_name)
                         continue
                     converted[new_name] = tensor
+                if mapped and raw.device.type == "cpu":
+                    _drop_file_pages(raw)  # copied above (copy=True): its pages can go
+                del raw
             model.load_state_dict(converted, strict=False, assign=True)
             missing -= converted.keys()
             del converted
