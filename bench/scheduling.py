@@ -6,10 +6,10 @@ prompt between two of its tokens; the scheduler's prefill token budget (Engine(p
 running stream's longest gap between tokens while the prompt prefills, and the throughput of
 the same work (the prompt, its answer and the stream's tokens after the prompt's arrival, until
 both are done: see `run`), per wall second and per CPU second of this process (steadier when
-other processes share the machine). Budgets alternate; each row after the first budget's is
-compared with the first budget's row just before it.
+other processes share the machine). Budgets alternate; each row of another budget is
+compared with the mean of the first budget's rows just before and after it.
 
-Usage: python bench/scheduling.py [--layers 2] [--prompt 8192] [--budgets 2048,512,2048,512]
+Usage: python bench/scheduling.py [--layers 2] [--prompt 8192] [--budgets 2048,512,2048,512,2048]
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=8192)
-    ap.add_argument("--budgets", default="2048,512,2048,512")
+    ap.add_argument("--budgets", default="2048,512,2048,512,2048")
     ap.add_argument("--rest", type=int, default=40,
                     help="the stream's tokens after the prompt arrives (outlasting its prefill)")
     ap.add_argument("--dtype", default="float32", help="bf16 matmul is slow on CPUs without "
-                                                        "AMX (the CI machine: 6x fp32's time)")
+                    "AMX or AVX-512 (this 2-core AVX2 EPYC: 6x fp32's time)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     model = random_model(num_layers=args.layers, dtype=getattr(torch, args.dtype))
@@ -107,15 +107,18 @@ def main() -> None:
             engine.close()
         rows.append((budget, gap, rate, per_cpu))
         print(f"{budget:>15} {gap:>14.2f} {rate:>9.1f} {per_cpu:>13.1f} {n:>14}", flush=True)
-    base = rows[0]
-    for row in rows[1:]:
-        if row[0] == base[0]:
-            base = row
+    first = rows[0][0]
+    for i, (budget, gap, rate, per_cpu) in enumerate(rows):
+        if budget == first:
             continue
-        budget, gap, rate, per_cpu = row
-        print(f"budget {budget} vs {base[0]}: longest gap x{gap / base[1]:.2f}, "
-              f"throughput x{rate / base[2]:.3f} (per CPU second x{per_cpu / base[3]:.3f})")
-
+        # Against the first budget's runs on both sides (when there are two), so that a
+        # machine getting faster or slower over the run cancels out of the ratio.
+        near = [r for r in (rows[i - 1], rows[i + 1] if i + 1 < len(rows) else None)
+                if r is not None and r[0] == first]
+        base = [sum(r[k] for r in near) / len(near) for k in (1, 2, 3)]
+        print(f"budget {budget} vs {first} ({len(near)} neighbouring run(s)): longest gap "
+              f"x{gap / base[0]:.2f}, throughput x{rate / base[1]:.3f} "
+              f"(per CPU second x{per_cpu / base[2]:.3f})")
 
 if __name__ == "__main__":
     main()
