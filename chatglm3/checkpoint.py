@@ -219,6 +219,7 @@ def load_model(
             mapped = path.suffix != ".safetensors"  # torch.load(mmap=True): file pages
             for name in list(shard):
                 raw = shard.pop(name)
+                parts = {}  # the model's tensors made of `raw`, copied to device and dtype
                 for new_name, tensor in map_tensor(name, raw, config).items():
                     want = expected.get(new_name)
                     if want is None:
@@ -228,17 +229,19 @@ def load_model(
                             f"{path.name}: {name} has shape {tuple(tensor.shape)}, but config.json "
                             f"implies {tuple(want.shape)}"
                         )
-                    tensor = tensor.to(device=device, dtype=dtype, copy=True)
+                    parts[new_name] = tensor.to(device=device, dtype=dtype, copy=True)
+                if mapped and raw.device.type == "cpu":
+                    _drop_file_pages(raw)  # all copied (copy=True): its pages can go before
+                del raw                    # quantizing, whose temporaries come on top
+                for new_name in list(parts):
+                    tensor = parts.pop(new_name)  # held by nothing else once quantized
                     if quantizer.targets(new_name):  # in, quantized, and its copy freed now
                         model.load_state_dict({new_name: tensor}, strict=False, assign=True)
                         del tensor
                         quantizer.apply(model, new_name)
                         missing.discard(new_name)
-                        continue
-                    converted[new_name] = tensor
-                if mapped and raw.device.type == "cpu":
-                    _drop_file_pages(raw)  # copied above (copy=True): its pages can go
-                del raw
+                    else:
+                        converted[new_name] = tensor
             model.load_state_dict(converted, strict=False, assign=True)
             missing -= converted.keys()
             del converted

@@ -6,8 +6,8 @@ dimension). Activations stay in the compute dtype; only the weights shrink, so a
 which reads every weight once, reads 1/2 (int8) or ~1/4 (int4) of the bytes.
 
 What runs, measured on this project's 2-core CPU (bench/quantize.py; torch 2.13, torchao 0.18):
-- int4, CPU: torchao's `PrototypeInt4WeightOnlyConfig` (`Int4OpaqueTensor`), whose linear is
-  aten's `_weight_int4pack_mm_for_cpu`. torchao's default `Int4WeightOnlyConfig` packing
+- int4, CPU: torchao's `Int4OpaqueTensor` (what its `PrototypeInt4WeightOnlyConfig` makes,
+  packed in row blocks: `int4_cpu_weight`), whose linear is aten's `_weight_int4pack_mm_for_cpu`. torchao's default `Int4WeightOnlyConfig` packing
   ("plain") needs the mslk/fbgemm kernels, which are not built for this CPU.
 - int4, CUDA: torchao's `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, whose
   linear is aten's tinygemm `_weight_int4pack_mm` (bfloat16 activations only, compute
@@ -31,8 +31,10 @@ reads one row per token (no speed to win); int8 rows would save 0.25 GB (measure
 not done: torchao's int8 embedding dequantizes the whole table per call).
 
 Quantizing at load (checkpoint.load_model calls `Quantizer.apply` for each weight as it
-arrives): the unquantized copy of one tensor lives only until its module is quantized, so the
-peak is the quantized model plus the shard being read.
+arrives): the unquantized copy of one tensor lives only until its module is quantized, and
+the loader hands back the shard's pages of each tensor it has copied, so the peak is the
+quantized model plus one tensor's copy and its quantizing temporaries (int4 packs in row
+blocks to keep those small: `int4_cpu_weight`).
 """
 
 from __future__ import annotations
@@ -129,18 +131,47 @@ def _quiet_torchao_import() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _torchao_config(mode: str, device: torch.device):
+def import_torchao():
+    """torchao.quantization (its import takes seconds: benchmarks and tests call this before
+    what they time or measure)."""
     with _quiet_torchao_import():
         import torchao.quantization as q
+    return q
+
+
+def _torchao_config(mode: str):
+    """The torchao configuration of int8 (CPU is Int8Linear's) and of int4 on CUDA."""
+    q = import_torchao()
     if mode == "int8":
         return q.Int8WeightOnlyConfig(set_inductor_config=False)
-    if device.type == "cuda":
-        return q.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False,
-                                      int4_packing_format="tile_packed_to_4d")
-    from torchao.prototype.quantization.int4.inference_workflow import (
-        PrototypeInt4WeightOnlyConfig)
+    return q.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False,
+                                  int4_packing_format="tile_packed_to_4d")
 
-    return PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
+
+# Output rows packed at a time by `int4_cpu_weight`: a multiple of the CPU packing's 32-row
+# blocks (pieces of other sizes do not join into the whole's packing).
+INT4_PACK_ROWS = 4096
+
+
+def int4_cpu_weight(w: torch.Tensor) -> torch.Tensor:
+    """torchao's `Int4OpaqueTensor` of the weight `w` [out, in] (what its
+    PrototypeInt4WeightOnlyConfig makes), packed INT4_PACK_ROWS output rows at a time.
+
+    Why not the config on the whole weight: packing holds fp32 and int32 copies of what it
+    packs, ~0.9 GB for one 27,392 x 4,096 gate_up, on top of the model during the load. Each
+    row is quantized alone (its groups run along the input) and the CPU packing works in
+    blocks of rows, so the pieces joined are exactly the whole's packing (tests/test_quantize.py
+    compares them byte for byte)."""
+    with _quiet_torchao_import():
+        from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
+
+    block = [1, INT4_GROUP_SIZE]
+    parts = [Int4OpaqueTensor.from_hp(w[i : i + INT4_PACK_ROWS], block)
+             for i in range(0, w.shape[0], INT4_PACK_ROWS)]
+    if len(parts) == 1:
+        return parts[0]
+    return Int4OpaqueTensor(torch.cat([p.qdata for p in parts]),
+                            torch.cat([p.scale_and_zero for p in parts], dim=1), block, w.shape)
 
 
 class Quantizer:
@@ -171,10 +202,11 @@ class Quantizer:
         mode = self.output_mode if name == _OUTPUT else self.mode
         if mode == "int8" and self.device.type == "cpu":
             setattr(parent, child, Int8Linear.from_linear(linear))
+        elif self.device.type == "cpu":
+            linear.weight = torch.nn.Parameter(int4_cpu_weight(linear.weight.detach()),
+                                               requires_grad=False)
         else:
-            with _quiet_torchao_import():
-                from torchao.quantization import quantize_
-            quantize_(linear, _torchao_config(mode, self.device))
+            import_torchao().quantize_(linear, _torchao_config(mode))
         del linear
         if self.device.type == "cpu":
             release_freed_memory()  # the unquantized copy and the packing's temporaries

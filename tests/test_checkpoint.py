@@ -128,3 +128,26 @@ def test_the_context_is_the_checkpoints_seq_length() -> None:
 
     assert json.loads((TINY_CKPT / "config.json").read_text())["seq_length"] == CONTEXT
     assert glm_config(json.loads((TINY_CKPT / "config.json").read_text())).max_position_embeddings == CONTEXT
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_a_copied_tensors_file_pages_are_handed_back(tmp_path: Path) -> None:
+    """The loader reads shards memory-mapped; once a tensor is copied, its pages of the file
+    leave the process's RSS (so a load's peak is not the model plus a whole shard), and the
+    mapping still reads the same values (the pages come back from the file)."""
+    import re
+
+    from chatglm3.checkpoint import _drop_file_pages
+
+    def rss_file() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"RssFile:\s+(\d+)", status).group(1)) * 1024
+
+    torch.save({"w": torch.arange(16 * 2**20, dtype=torch.float32)}, tmp_path / "shard.bin")
+    mapped = torch.load(tmp_path / "shard.bin", mmap=True, weights_only=True)["w"]
+    before = rss_file()
+    total = float(mapped.sum())  # reads all 64 MiB: their pages are now resident
+    assert rss_file() - before > 60 * 2**20
+    _drop_file_pages(mapped)
+    assert rss_file() - before < 4 * 2**20
+    assert float(mapped.sum()) == total

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm3 import cli, settings
+from chatglm3 import settings
 from chatglm3.checkpoint import load_model
 from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
@@ -132,6 +132,33 @@ def test_weight_bytes_follow_the_packed_layout() -> None:
                                          for o, i in shapes))):
         model = load_model(TINY_CKPT, "cpu", torch.bfloat16, quantize=mode)
         assert weight_bytes(model) == rest + head + cfg["num_layers"] * per_layer, mode
+
+
+@pytest.mark.parametrize("rows", [64, 96])
+def test_int4_packed_in_row_blocks_is_the_whole_packing(monkeypatch, rows: int) -> None:
+    """int4_cpu_weight packs a few rows at a time (less memory while loading): the pieces, the
+    last one shorter, join into exactly what torchao's int4 CPU config makes of the whole
+    weight, and the layer computes exactly the same."""
+    import chatglm3.quantize as Q
+
+    with Q._quiet_torchao_import():
+        from torchao.prototype.quantization.int4.inference_workflow import (
+            PrototypeInt4WeightOnlyConfig)
+        from torchao.quantization import quantize_
+    torch.manual_seed(0)
+    whole = torch.nn.Linear(2 * INT4_GROUP_SIZE, rows * 3 + 32, bias=False)
+    whole = whole.to(torch.bfloat16).requires_grad_(False)
+    blocks = Q.int4_cpu_weight  # packed with INT4_PACK_ROWS = rows below
+    monkeypatch.setattr(Q, "INT4_PACK_ROWS", rows)
+    mine = blocks(whole.weight.detach())
+    quantize_(whole, PrototypeInt4WeightOnlyConfig(group_size=INT4_GROUP_SIZE,
+                                                   set_inductor_config=False))
+    theirs = whole.weight
+    assert mine.shape == theirs.shape and mine.block_size == theirs.block_size
+    assert torch.equal(mine.qdata, theirs.qdata)
+    assert torch.equal(mine.scale_and_zero, theirs.scale_and_zero)
+    x = torch.randn(5, 2 * INT4_GROUP_SIZE, dtype=torch.bfloat16)
+    assert torch.equal(torch.nn.functional.linear(x, mine), whole(x))
 
 
 # ---- close to the official fp32 outputs ----
@@ -296,8 +323,8 @@ def test_24_gb_card_plans_more_rows_when_quantized() -> None:
 PEAK_SCRIPT = """
 import json, re, sys, torch
 from chatglm3.checkpoint import load_model
-from chatglm3.quantize import _torchao_config, weight_bytes
-_torchao_config("int4", torch.device("cpu"))  # torchao's imports: before the baseline
+from chatglm3.quantize import import_torchao, weight_bytes
+import_torchao()  # its imports: before the baseline
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := RSS now
@@ -314,9 +341,10 @@ def test_load_peak_is_the_quantized_model_plus_one_shard(tmp_path: Path) -> None
     """A checkpoint written by bench/synthetic.py (8 layers at a quarter of the real width, in
     9 fp16 shards of up to 64 MiB): loading it in int4 raises the process's peak RSS by at most
     the quantized weights plus its largest shard plus 96 MiB (torch's first-use allocations and
-    one layer's packing temporaries; measured 226 MiB against 102 + 64 + 96). Quantizing after
-    a whole load would need the bf16 model first (266 MiB, measured for `none`) plus the
-    quantized one: over this bound. Once loaded, the process holds about the weights."""
+    one layer's packing temporaries; measured 175-185 MiB against 102 + 64 + 96, since the
+    loader hands back each copied tensor's pages of the shard and packs int4 in row blocks;
+    226 before). Quantizing after a whole load would need the bf16 model first (266 MiB,
+    measured for `none`) plus the quantized one: over this bound. Once loaded, the process holds about the weights."""
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic import write_checkpoint
 
