@@ -1,7 +1,7 @@
 """Weight-only quantization (chatglm3/quantize.py): speed, memory and quality per mode.
 
-speed: a random checkpoint at the real width and vocabulary with --layers layers (default 4:
-  the whole 6.2B model does not fit beside the other work on this 24 GB machine), loaded in
+speed: a random checkpoint at the real width and vocabulary with --layers layers (default 4;
+  28 is the whole 6.2B model: 12.5 GB on disk, 12 GiB RSS for `none`), loaded in
   bfloat16 by each mode in a process of its own (peak RSS is per process), the modes
   alternating over --rounds rounds; per mode the best round of: load time, peak RSS, prefill
   time of a --prefill-token prompt, decode tokens/s at batch 1 and batch 8 (engine streaming
@@ -44,8 +44,8 @@ def status(key):
 
 ckpt, mode, prefill_tokens, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode != "none":
-    from chatglm3.quantize import _torchao_config
-    _torchao_config("int4", torch.device("cpu"))  # imports outside the timed load
+    from chatglm3.quantize import import_torchao
+    import_torchao()  # imports outside the timed load
 t = time.perf_counter()
 engine = Engine.from_pretrained(ckpt, "cpu", "bfloat16", quantize=mode)
 load_s = time.perf_counter() - t
