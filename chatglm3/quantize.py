@@ -148,8 +148,9 @@ def _torchao_config(mode: str):
                                   int4_packing_format="tile_packed_to_4d")
 
 
-# Output rows packed at a time by `int4_cpu_weight`: a multiple of the CPU packing's 32-row
-# blocks (pieces of other sizes do not join into the whole's packing).
+# Output rows packed at a time by `int4_cpu_weight`: a multiple of the CPU packing's row blocks
+# (aten's int4 packing works in blocks of 64 output rows on AVX-512 CPUs, 32 on AVX2 and
+# others; pieces of other sizes do not join into the whole's packing).
 INT4_PACK_ROWS = 4096
 
 
