@@ -14,10 +14,11 @@ parts: what the embedding and the output layer would cost and give, on the real-
   checkpoint (bf16 compute): last-token logits' relative L2 vs fp32 and top-1 agreement over a
   --parts-tokens text with the output layer unquantized, int8 or int4 (layers int4), and with
   the embedding rounded to int8 per row; the output layer's share of a batch-1 step.
-kernels: one linear layer of the real MLP (27,392 x 4,096), ms per call at batch 1 and 8 (and
-  a 128-row prefill chunk): bf16, torchao's Int8WeightOnlyConfig, aten's _weight_int8pack_mm
-  (quantize.Int8Linear), torchao's CPU int4 at group sizes 32, 64, 128; and a 2,048-row fp32
-  chunk of a small layer, where the int kernels take their slow path.
+kernels: one linear layer of the real MLP (27,392 x 4,096), ms per call for 1 to 512 rows
+  (decoding batches to prefill chunks), bf16 and fp32 activations: unquantized, aten's int8
+  and int4 kernels (int4 at group sizes 32, 64, 128), and qlinear's Int8Linear / Int4Linear,
+  which take the kernel for a few rows and widen the weights for more; torchao's
+  Int8WeightOnlyConfig at 1 row.
 Usage: python bench/quantize.py [speed|quality|parts|kernels|all] [--layers 4] [--rounds 2]
 """
 
@@ -247,14 +248,13 @@ def kernels(args: argparse.Namespace) -> None:
 
     import torch
 
+    import chatglm3.qlinear as L
     import chatglm3.quantize as Q
 
     with Q._quiet_torchao_import():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
-        from torchao.prototype.quantization.int4.inference_workflow import (
-            PrototypeInt4WeightOnlyConfig)
 
-    def best_ms(fn, x, n: int = 5) -> float:
+    def best_ms(fn, x, n: int) -> float:
         fn(x)
         times = []
         for _ in range(3):
@@ -265,32 +265,39 @@ def kernels(args: argparse.Namespace) -> None:
         return min(times) * 1000
 
     def variants(lin: torch.nn.Linear) -> dict:
-        out = {"unquantized": lin}
-        ao8 = copy.deepcopy(lin)
-        quantize_(ao8, Int8WeightOnlyConfig(set_inductor_config=False))
-        out["torchao Int8WeightOnlyConfig"] = ao8
-        out["aten _weight_int8pack_mm (Int8Linear)"] = Q.Int8Linear.from_linear(lin)
+        w = lin.weight.detach()
+        i8 = L.Int8Linear.from_linear(lin)
+        out = {"unquantized": lin,
+               "aten _weight_int8pack_mm": i8.kernel,
+               "Int8Linear (kernel, or widened above 32 rows)": i8}
         for g in (32, 64, 128):
-            m = copy.deepcopy(lin)
-            quantize_(m, PrototypeInt4WeightOnlyConfig(group_size=g, set_inductor_config=False))
-            out[f"torchao CPU int4, group {g}"] = m
+            saved, Q.INT4_GROUP_SIZE = Q.INT4_GROUP_SIZE, g
+            i4 = L.Int4Linear.from_weight(Q.int4_cpu_weight(w), None)
+            Q.INT4_GROUP_SIZE = saved
+            out[f"aten _weight_int4pack_mm_for_cpu, group {g}"] = i4.kernel
+        out["Int4Linear, group 128 (kernel, or widened above 32 rows)"] = i4
         return out
 
+    rows = (1, 8, 16, 32, 64, 128, 512)
     torch.manual_seed(0)
-    lin = torch.nn.Linear(4096, 27392, bias=False).to(torch.bfloat16).requires_grad_(False)
-    print("one 27,392 x 4,096 layer, bf16 activations, ms per call (best of 3)")
-    print("| weights | batch 1 | batch 8 | 128 rows |")
-    print("|---|---|---|---|")
-    with torch.inference_mode():
-        for name, m in variants(lin).items():
-            row = [best_ms(m, torch.randn(rows, 4096, dtype=torch.bfloat16), n)
-                   for rows, n in ((1, 8), (8, 4), (128, 1))]
-            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
-        small = torch.nn.Linear(256, 1024, bias=False).requires_grad_(False)
-        x = torch.randn(2048, 256)
-        print("\nfp32, a 1,024 x 256 layer (the tiny checkpoint's gate_up), 2,048 rows, ms: " +
-              ", ".join(f"{name} {best_ms(m, x, 2):.1f}" for name, m in variants(small).items()
-                        if "group 32" not in name and "group 64" not in name))
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, AMX: "
+          f"{torch.cpu._is_amx_tile_supported()}, threads: {torch.get_num_threads()}")
+    for dtype in (torch.bfloat16, torch.float32):
+        lin = torch.nn.Linear(4096, 27392, bias=False).to(dtype).requires_grad_(False)
+        print(f"\none 27,392 x 4,096 layer, {dtype} activations, ms per call by rows (best of 3)")
+        print("| weights | " + " | ".join(str(r) for r in rows) + " |")
+        print("|---" * (len(rows) + 1) + "|")
+        with torch.inference_mode():
+            for name, fn in variants(lin).items():
+                if dtype == torch.float32 and "group 32" in name or "group 64" in name:
+                    continue
+                cells = [best_ms(fn, torch.randn(r, 4096, dtype=dtype), max(1, 8 // r))
+                         for r in rows]
+                print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + " |", flush=True)
+            ao8 = copy.deepcopy(lin)
+            quantize_(ao8, Int8WeightOnlyConfig(set_inductor_config=False))
+            print(f"(torchao Int8WeightOnlyConfig, 1 row: "
+                  f"{best_ms(ao8, torch.randn(1, 4096, dtype=dtype), 2):.1f} ms)")
 
 
 def main() -> None:

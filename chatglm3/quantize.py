@@ -5,18 +5,22 @@ symmetric int8) and "int4" (asymmetric int4 in groups of `INT4_GROUP_SIZE` along
 dimension). Activations stay in the compute dtype; only the weights shrink, so a decoding step,
 which reads every weight once, reads 1/2 (int8) or ~1/4 (int4) of the bytes.
 
-What runs, measured on this project's 2-core CPU (bench/quantize.py; torch 2.13, torchao 0.18):
-- int4, CPU: torchao's `Int4OpaqueTensor` (what its `PrototypeInt4WeightOnlyConfig` makes,
-  packed in row blocks: `int4_cpu_weight`), whose linear is aten's `_weight_int4pack_mm_for_cpu`. torchao's default `Int4WeightOnlyConfig` packing
+What runs, measured on this project's 2-core CPUs (bench/quantize.py; torch 2.13, torchao 0.18):
+- int4, CPU: torchao's int4 CPU quantization (what its `PrototypeInt4WeightOnlyConfig` makes,
+  `Int4OpaqueTensor`, packed in row blocks: `int4_cpu_weight`), run by `qlinear.Int4Linear`:
+  aten's `_weight_int4pack_mm_for_cpu` for a few rows, the weights widened block by block for
+  many (qlinear.py says why and when). torchao's default `Int4WeightOnlyConfig` packing
   ("plain") needs the mslk/fbgemm kernels, which are not built for this CPU.
 - int4, CUDA: torchao's `Int4WeightOnlyConfig(int4_packing_format="tile_packed_to_4d")`, whose
   linear is aten's tinygemm `_weight_int4pack_mm` (bfloat16 activations only, compute
   capability 8.0 or newer: so int4 on CUDA computes in bfloat16).
-- int8, CPU: aten's `_weight_int8pack_mm`, called by `Int8Linear` below. Why not torchao's
+- int8, CPU: `qlinear.Int8Linear`: aten's `_weight_int8pack_mm` for a few rows, widened
+  blocks for many (as int4). Why not torchao's
   `Int8WeightOnlyConfig`: in 0.18 its only version (2; version 1, which dispatched to this
   aten op, was removed) converts the whole int8 weight to the activation dtype on every call
   and then runs a bf16 matmul: measured 9.7x slower than bf16 at batch 1 on a 27392x4096
-  layer (123 ms vs 12.7 ms), while `_weight_int8pack_mm` takes 8.9 ms.
+  layer (123 ms vs 12.7 ms), while `_weight_int8pack_mm` takes 8.9 ms (AVX2 EPYC; on the AMX
+  Xeon 91.5 ms against bf16's 8.7 and the kernel's 3.4).
 - int8, CUDA: torchao's `Int8WeightOnlyConfig` (the same convert-then-matmul; on a GPU without
   torch.compile it is expected to save memory, not time; not measured: no GPU here, and
   whether aten's `_weight_int8pack_mm` has a fast CUDA kernel could not be checked). Offered
@@ -45,6 +49,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+
+from .qlinear import Int4Linear, Int8Linear
 
 MODES = ("none", "int8", "int4")
 # int4 group size: 128 divides every input width of the model (4096, 13696; the tiny test
@@ -78,44 +84,6 @@ def compute_dtype(mode: str, device: torch.device, dtype: torch.dtype) -> torch.
         log.info("int4 on CUDA computes in bfloat16 (tinygemm kernel), not %s", dtype)
         return torch.bfloat16
     return dtype
-
-
-class Int8Linear(torch.nn.Module):
-    """A linear layer with an int8 weight [out, in] and one scale per output channel, run by
-    aten's `_weight_int8pack_mm` (CPU); see the module docstring for why not torchao's."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.nn.Parameter | None) -> None:
-        super().__init__()
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale)
-        self.bias = bias  # may still be on the meta device: load_model assigns it later
-        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, rows: int = 4096) -> "Int8Linear":
-        """Symmetric per-row int8 of the linear's weight, `rows` rows at a time: the fp32
-        temporaries of a whole output layer would be 1 GB each (65,024 x 4096)."""
-        w = linear.weight.detach()
-        qweight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        scale = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
-        for begin in range(0, w.shape[0], rows):
-            part = w[begin : begin + rows].float()
-            # The scale as stored (the compute dtype), so the weights are rounded with it.
-            s = (part.abs().amax(dim=1).clamp_(min=1e-12) / 127).to(w.dtype).float()
-            qweight[begin : begin + rows] = part.div_(s[:, None]).round_().clamp_(-127, 127)
-            scale[begin : begin + rows] = s
-        return cls(qweight, scale, linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(),
-                                               self.qweight, self.scale)
-        y = y.reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
 @contextmanager
@@ -204,8 +172,8 @@ class Quantizer:
         if mode == "int8" and self.device.type == "cpu":
             setattr(parent, child, Int8Linear.from_linear(linear))
         elif self.device.type == "cpu":
-            linear.weight = torch.nn.Parameter(int4_cpu_weight(linear.weight.detach()),
-                                               requires_grad=False)
+            setattr(parent, child, Int4Linear.from_weight(int4_cpu_weight(linear.weight.detach()),
+                                                          linear.bias))
         else:
             import_torchao().quantize_(linear, _torchao_config(mode))
         del linear

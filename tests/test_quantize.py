@@ -27,6 +27,7 @@ from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
 from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams
+from chatglm3.qlinear import Int4Linear
 from chatglm3.quantize import INT4_GROUP_SIZE, MODES, Int8Linear, check_mode, weight_bytes
 import test_engine
 from conftest import GOLDEN, ROOT, TINY_CKPT, consume_together
@@ -107,8 +108,9 @@ def test_every_linear_layer_is_quantized_and_the_embedding_is_not(quantized_bf16
         if mode == "int8":
             assert isinstance(module, Int8Linear) and module.qweight.dtype == torch.int8
         else:
-            assert type(module.weight).__name__ == "Int4OpaqueTensor"
-            assert module.weight.block_size == [1, INT4_GROUP_SIZE]
+            assert isinstance(module, Int4Linear) and module.qdata.dtype == torch.uint8
+            assert module.group_size == INT4_GROUP_SIZE
+            assert module.qdata.numel() * 2 == module.in_features * module.out_features
     assert layer.self_attn.q_proj.bias is not None and layer.self_attn.q_proj.bias.device.type == "cpu"
     assert isinstance(model.lm_head, Int8Linear)  # int8 in both modes (quantize.py says why)
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
