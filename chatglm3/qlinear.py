@@ -146,9 +146,9 @@ def int4_packing() -> tuple[int, bool]:
 
 def unpack_int4_t(packed: torch.Tensor, rows: int, in_features: int,
                   out: torch.Tensor) -> torch.Tensor:
-    """The 4-bit values minus 8 (-8..7) of `rows` output rows of aten's CPU packing, given their bytes
-    (the rows start at a block boundary), written transposed into `out` [in, rows], which
-    the packing's order makes the cheap way: for each input column a block of B rows stores
+    """The 4-bit values minus 8 (-8..7) of `rows` output rows of aten's CPU packing, given
+    their bytes (the rows start at a block boundary), written transposed into `out` [in, rows],
+    which the packing's order makes the cheap way: for each input column a block of B rows stores
     B/2 bytes, byte d holding row d (low nibble) and row B/2 + d (high) on AVX-512 and AVX2
     ("halves"; the scalar build, and every CPU for a last, shorter block: rows 2d and 2d + 1)."""
     block, halves = int4_packing()

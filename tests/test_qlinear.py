@@ -43,7 +43,7 @@ def _fresh_choices():
     L.int4_unpack_works.cache_clear()
 
 
-@pytest.mark.parametrize("out_features", [64 * 5, 64 * 5 + 32, 48])  # whole blocks, a short last one
+@pytest.mark.parametrize("out_features", [64 * 5, 64 * 5 + 32, 48])  # whole and short blocks
 def test_widened_weights_are_the_kernels_weights(out_features: int) -> None:
     """Widening a layer reproduces, value for value, the weights the kernel multiplies with:
     the kernel's product with the identity is its dequantized weight (one weight x 1 each)."""

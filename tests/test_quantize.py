@@ -27,8 +27,8 @@ from chatglm3.engine import Engine
 from chatglm3.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
 from chatglm3.messages import build_messages
 from chatglm3.params import SamplingParams
-from chatglm3.qlinear import Int4Linear
-from chatglm3.quantize import INT4_GROUP_SIZE, MODES, Int8Linear, check_mode, weight_bytes
+from chatglm3.qlinear import Int4Linear, Int8Linear
+from chatglm3.quantize import INT4_GROUP_SIZE, MODES, check_mode, weight_bytes
 import test_engine
 from conftest import GOLDEN, ROOT, TINY_CKPT, consume_together
 from test_engine import (  # noqa: F401 - collected here, run on this module's engines
