@@ -84,7 +84,8 @@ class _QuantLinear(torch.nn.Module):
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def widen_above(self, dtype: torch.dtype) -> int | None:
+    @classmethod
+    def widen_above(cls, dtype: torch.dtype) -> int | None:
         """Rows above which a call in `dtype` widens the weights (None: never). The kernels
         are fast only in bf16 (in fp32 and fp16 an int8 kernel took 4.4x as long as the
         widened path at one row, 100x at 128 rows); in bf16 they win for few rows, the
@@ -92,7 +93,7 @@ class _QuantLinear(torch.nn.Module):
         this project measured before, the int8 kernel was 3.7x faster than bf16 at prefill)."""
         if dtype != torch.bfloat16:
             return 0
-        return self.kernel_max_rows if native_bf16_matmul() else None
+        return cls.kernel_max_rows if native_bf16_matmul() else None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
@@ -204,7 +205,8 @@ class Int4Linear(_QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qdata, self.group_size,
                                                           self.scale_and_zero)
 
-    def widen_above(self, dtype: torch.dtype) -> int | None:
+    @classmethod
+    def widen_above(cls, dtype: torch.dtype) -> int | None:
         return super().widen_above(dtype) if int4_unpack_works() else None
 
     def widen_t(self, begin: int, end: int, buf: torch.Tensor) -> torch.Tensor:
@@ -242,3 +244,21 @@ def int4_unpack_works() -> bool:
     log.warning("int4: this CPU's weight packing (%s) is not the one unpack_int4_t reads: "
                 "prefill runs aten's int4 kernel (slower)", torch.backends.cpu.get_cpu_capability())
     return False
+
+
+def summary(model: torch.nn.Module) -> str | None:
+    """One line for the setup log: how the model's quantized CPU layers multiply (None where
+    it has none)."""
+    kinds = {type(m) for m in model.modules() if isinstance(m, _QuantLinear)}
+    layer = Int4Linear if Int4Linear in kinds else Int8Linear if kinds else None
+    if layer is None:
+        return None
+    dtype = model.get_input_embeddings().weight.dtype
+    above, name = layer.widen_above(dtype), str(dtype).removeprefix("torch.")
+    if above is None:
+        return f"{layer.kind} layers: aten's {layer.kind} kernel for every call"
+    if above == 0:
+        return (f"{layer.kind} layers: widened to {name} a block at a time for every call "
+                f"(aten's {layer.kind} kernel is slow in {name})")
+    return (f"{layer.kind} layers: aten's {layer.kind} kernel up to {above} rows (decoding), "
+            f"widened to {name} a block at a time above (prefill)")

@@ -167,3 +167,24 @@ def test_int4_packing_is_read_on_every_cpu_capability(capability: str) -> None:
         pytest.skip(f"this CPU runs {out[0]}, not {capability}")
     assert out[1] == "True"
     assert float(out[2]) < 0.01
+
+
+def test_the_setup_line_says_how_the_layers_multiply(monkeypatch) -> None:
+    """summary(model): the setup log's line, from the layers the model really has and its
+    compute dtype; none for an unquantized model."""
+    from chatglm3.checkpoint import load_model
+    from conftest import TINY_CKPT
+
+    assert L.summary(load_model(TINY_CKPT, "cpu", torch.bfloat16)) is None
+    fp32 = L.summary(load_model(TINY_CKPT, "cpu", torch.float32, quantize="int4"))
+    assert fp32 == ("int4 layers: widened to float32 a block at a time for every call "
+                    "(aten's int4 kernel is slow in float32)")
+    model = load_model(TINY_CKPT, "cpu", torch.bfloat16, quantize="int8")
+    rows = L.Int8Linear.kernel_max_rows
+    for native, says in ((True, f"aten's int8 kernel up to {rows} rows (decoding), widened to "
+                                "bfloat16 a block at a time above (prefill)"),
+                         (False, "aten's int8 kernel for every call")):
+        L.native_bf16_matmul.cache_clear()
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert L.summary(model) == "int8 layers: " + says

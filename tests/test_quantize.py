@@ -379,6 +379,7 @@ def test_cli_generate_with_quantize() -> None:
     assert out.returncode == 0, out.stderr
     assert "linear layers quantized to int8" in out.stderr
     assert "(quantize int8)" in out.stderr
+    assert "int8 layers: aten's int8 kernel" in out.stderr
     assert json.loads(out.stdout)["output_token_count"] == 4
     bad = cli("generate", "--weights", str(TINY_CKPT), "--quantize", "int3", "--prompt", "x")
     assert bad.returncode == 2 and "--quantize: invalid choice: 'int3'" in bad.stderr
@@ -401,6 +402,10 @@ def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
         assert f"quantize: int4 (CHATGLM3_QUANTIZE); weights " \
                f"{p.engine.weight_bytes / 2**30:.2f} GiB" in log
         assert "KV cache: " in log and "ready: " in log
+        # how its layers multiply in bf16 on this CPU (qlinear.widen_above decides)
+        above = Int4Linear.widen_above(torch.bfloat16)
+        assert ("int4 layers: aten's int4 kernel " +
+                ("for every call" if above is None else f"up to {above} rows")) in log
     finally:
         p.engine.close()
     monkeypatch.setenv("CHATGLM3_QUANTIZE", "int3")
