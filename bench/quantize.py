@@ -269,13 +269,13 @@ def kernels(args: argparse.Namespace) -> None:
         i8 = L.Int8Linear.from_linear(lin)
         out = {"unquantized": lin,
                "aten _weight_int8pack_mm": i8.kernel,
-               "Int8Linear (kernel, or widened above 32 rows)": i8}
+               f"Int8Linear (kernel up to {i8.kernel_max_rows} rows, widened above)": i8}
         for g in (32, 64, 128):
             saved, Q.INT4_GROUP_SIZE = Q.INT4_GROUP_SIZE, g
             i4 = L.Int4Linear.from_weight(Q.int4_cpu_weight(w), None)
             Q.INT4_GROUP_SIZE = saved
             out[f"aten _weight_int4pack_mm_for_cpu, group {g}"] = i4.kernel
-        out["Int4Linear, group 128 (kernel, or widened above 32 rows)"] = i4
+        out[f"Int4Linear, group 128 (kernel up to {i4.kernel_max_rows} rows, widened above)"] = i4
         return out
 
     rows = (1, 8, 16, 32, 64, 128, 512)
@@ -289,7 +289,7 @@ def kernels(args: argparse.Namespace) -> None:
         print("|---" * (len(rows) + 1) + "|")
         with torch.inference_mode():
             for name, fn in variants(lin).items():
-                if dtype == torch.float32 and "group 32" in name or "group 64" in name:
+                if dtype == torch.float32 and ("group 32" in name or "group 64" in name):
                     continue
                 cells = [best_ms(fn, torch.randn(r, 4096, dtype=dtype), max(1, 8 // r))
                          for r in rows]
