@@ -234,11 +234,9 @@ def int4_unpack_works() -> bool:
     w = torch.randn(3 * int4_packing()[0] + 16, in_features, generator=gen)
     layer = Int4Linear.from_weight(int4_cpu_weight(w.to(torch.bfloat16)), None)
     want = layer.kernel(torch.eye(in_features, dtype=torch.bfloat16))
-    values = unpack_int4_t(layer.qdata, layer.out_features, in_features,
-                           torch.empty(want.shape, dtype=torch.float32))
-    # dequantized in fp32 and rounded once, as the kernel does
-    sz = layer.scale_and_zero.float().repeat_interleave(layer.group_size, dim=0)
-    got = (values * sz[..., 0] + sz[..., 1]).to(torch.bfloat16)
+    # widened in fp32 and rounded once, as the kernel computes its weights
+    buf = torch.empty(want.numel(), dtype=torch.float32)
+    got = layer.widen_t(0, layer.out_features, buf).to(torch.bfloat16)
     if torch.equal(got, want):
         return True
     log.warning("int4: this CPU's weight packing (%s) is not the one unpack_int4_t reads: "
