@@ -19,7 +19,9 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
+from .attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
+from .packed_linear import pack_linears
 from .quantize import Quantizer
 from .tokenizer import STOP_IDS
 
@@ -62,7 +64,7 @@ def glm_config(cfg: dict) -> GlmConfig:
             pad_token_id=cfg.get("pad_token_id", 0),
             eos_token_id=sorted(STOP_IDS),
             tie_word_embeddings=False,
-            attn_implementation="sdpa",
+            attn_implementation=ATTENTION,  # SDPA, with chunked prefill unmasked on the CPU
         )
     except KeyError as e:
         raise CheckpointError(f"config.json: missing {e.args[0]!r}") from None
@@ -252,5 +254,6 @@ def load_model(
     # The rotary frequencies were built on the meta device: rebuild them in fp32 (never cast).
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     model.eval().requires_grad_(False)
+    pack_linears(model)  # CPU: the plain linear layers' weights in oneDNN's layout
     model.quantize_mode = quantize
     return model

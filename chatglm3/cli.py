@@ -147,10 +147,10 @@ def load_engine(args: argparse.Namespace) -> "Engine":
     engine = Engine.from_pretrained(path, progress=True, **kwargs)
     if engine.quantize != "none":
         say(f"weights: {_size(engine.weight_bytes)} (quantize {engine.quantize})")
-        from .qlinear import summary
+    from .packed_linear import layers_summary
 
-        if (layers := summary(engine.model)) is not None:
-            say(layers)
+    if (layers := layers_summary(engine.model)) is not None:
+        say(layers)
     if engine.kv_plan is not None:
         say(f"KV cache: {engine.kv_plan}")
     # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager

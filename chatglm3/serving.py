@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from . import qlinear
+from .packed_linear import layers_summary
 from .engine import Engine
 from .messages import build_messages
 from .params import SamplingParams
@@ -28,7 +28,7 @@ def start(path: str | Path, settings: Settings, device: torch.device,
     plan, batch = engine.kv_plan, settings.max_batch
     say(f"quantize: {engine.quantize} (CHATGLM3_QUANTIZE); weights "
         f"{engine.weight_bytes / 2**30:.2f} GiB")
-    if (layers := qlinear.summary(engine.model)) is not None:
+    if (layers := layers_summary(engine.model)) is not None:
         say(layers)
     say(f"KV cache: {plan or 'grows on demand (CPU, no CHATGLM3_KV_BUDGET)'}")
     on = engine.prefix_cache

@@ -247,8 +247,10 @@ def test_loading_messages_on_stderr_answer_alone_on_stdout() -> None:
     assert lines[0] == f"loading weights {TINY_CKPT.resolve()} on cpu as float32"
     assert lines[1:3] == ["loading shard 1/2: pytorch_model-00001-of-00002.bin",
                           "loading shard 2/2: pytorch_model-00002-of-00002.bin"]
-    assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[3])
-    assert len(lines) == 4
+    # how the CPU linear layers multiply (packed_linear.layers_summary): 2 layers x 6 + output
+    assert lines[3] == "linear layers: 13 packed once for oneDNN (CPU)"
+    assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[4])
+    assert len(lines) == 5
     assert "loading" not in out.stdout and "ready" not in out.stdout
 
 
