@@ -242,7 +242,7 @@ def quantized_report(args, mode: str, tokenizer, text, prompt, reference, base_r
         torch.cuda.empty_cache()
     t = time.perf_counter()
     # The same random weights as above (same seed), in the mode's compute dtype.
-    model = quantize_model(random_model(args.device, dtype, num_layers=args.layers), mode)
+    model = quantize_model(random_model(args.device, dtype, pack=False, num_layers=args.layers), mode)
     print(f"  built and quantized in {time.perf_counter() - t:.1f} s, compute "
           f"{str(dtype).removeprefix('torch.')}")
     top1, last, cont = logits_summary(model, text, prompt, args.tokens)

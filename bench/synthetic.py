@@ -25,7 +25,8 @@ TOKENIZER = Path(os.environ.get("CHATGLM3_TOKENIZER")
 
 def chatglm_config(**sizes: int) -> dict:
     cfg = dict(REAL, **sizes)
-    cfg.update(model_type="chatglm", add_bias_linear=False, add_qkv_bias=True,
+    # architectures as in the real config.json: vLLM picks its ChatGLM model by it
+    cfg.update(model_type="chatglm", architectures=["ChatGLMModel"], add_bias_linear=False, add_qkv_bias=True,
                apply_residual_connection_post_layernorm=False, layernorm_epsilon=1e-5,
                multi_query_attention=True, original_rope=True, post_layer_norm=True,
                rmsnorm=True, rope_ratio=50, seq_length=CONTEXT, torch_dtype="float16",
@@ -90,9 +91,10 @@ def write_checkpoint(out: Path, shards: int = 7, seed: int = 0, **sizes: int) ->
 
 
 def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                 **sizes: int):
+                 pack: bool = True, **sizes: int):
     """A GlmForCausalLM of the given sizes with random weights, built straight on `device`
-    (no checkpoint on disk), rotary frequencies in fp32 as `load_model` leaves them."""
+    (no checkpoint on disk), rotary frequencies in fp32 and (`pack`) CPU linear layers packed,
+    as `load_model` leaves them. pack=False for a model that is to be quantized."""
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
     from chatglm3.checkpoint import glm_config
@@ -112,7 +114,12 @@ def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed:
                 scale = 1.0 if "embed_tokens" in name else 0.02
                 p.normal_(0.0, scale, generator=g)
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack:
+        from chatglm3.packed_linear import pack_linears
+
+        pack_linears(model)
+    return model
 
 
 if __name__ == "__main__":
