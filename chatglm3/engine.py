@@ -355,6 +355,8 @@ class Engine:
                     self.steps.prefill(plan.prefill)
                 if sched.running:
                     self.steps.decode()
+                if not sched.has_work() and not self.rows.holds_entries():
+                    self.runner.idle()
         for r in sched.drain():
             r.tensors = None
             r.output.finish("cancelled")

@@ -104,13 +104,16 @@ class KVRows:
         self.keys, self.values = new_keys, new_values
         self.version += 1
 
-    def reset(self) -> None:
+    def reset(self) -> bool:
         """A growable cache back to its first, small size (frees what requests grew it to);
-        call only with no row in use. A planned cache stays as it is."""
+        call only with no row in use. A planned cache stays as it is. Returns whether it
+        shrank."""
         if self.growable and (self.rows, self.capacity) != self._initial:
             self.keys = [self._empty(*self._initial) for _ in self.keys]
             self.values = [self._empty(*self._initial) for _ in self.values]
             self.version += 1
+            return True
+        return False
 
     def store_prefill(self, row: int, cache: DynamicCache) -> None:
         """Copies a single request's prefilled cache into `row`."""

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from .decode_graphs import FixedShapeDecoder, decode_logits
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
+from .quantize import release_freed_memory
 from .rows import Move
 from .sampling import TokenLogprob, pick, token_logprobs
 from .scheduler import PrefillChunk, Request
@@ -244,6 +245,15 @@ class ModelRunner:
                 self.history[m.dst, : m.history] = self.history[m.src, : m.history]
 
     # ---- memory ----
+
+    def idle(self) -> None:
+        """Nothing runs and no row holds a prefix cache entry: a growable cache goes back to
+        its first size. Without this one long request would leave every row as long for
+        good (the rows share one capacity: after an 8,192-token prompt, 8 streams took 8 rows
+        of 16,384 positions, 3.8 GB, and each row added copied them all); regrowing costs
+        the next long request one doubling copy of its own row."""
+        if self.kv is not None and self.kv.reset():
+            release_freed_memory()
 
     def out_of_memory(self, idle: bool) -> None:
         """After an out-of-memory error: gives back what the failed requests held (`idle`:

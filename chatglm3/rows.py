@@ -92,6 +92,10 @@ class RowAllocator:
     def clear_running(self) -> None:
         self.running.clear()
 
+    def holds_entries(self) -> bool:
+        """Whether any row keeps a prefix cache entry."""
+        return self.prefix is not None and len(self.prefix) > 0
+
     # ---- prefix entries ----
 
     def lookup(self, prompt: Sequence[int]) -> tuple[int, int]:

@@ -377,3 +377,31 @@ def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_
             hook.remove()
             engine.close()
     assert outputs[512] == outputs[2048]
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_a_grown_cache_shrinks_once_idle_unless_it_holds_entries(tiny_model_fp32, tokenizer,
+                                                                 prefix_cache: bool) -> None:
+    """The rows share one capacity: a long request grows every row. Once nothing runs the
+    cache goes back to its first size, unless rows keep prefix cache entries."""
+    engine = Engine(tiny_model_fp32, tokenizer, prefix_cache=prefix_cache)
+    try:
+        first = engine.stats()
+        long_prompt = [64790, 64792, *random.Random(3).choices(range(100, 60000), k=700)]
+        gens = [engine.generate_ids(long_prompt, SamplingParams(max_tokens=4, temperature=0)),
+                engine.generate_ids(long_prompt[:40], SamplingParams(max_tokens=4,
+                                                                     temperature=0))]
+        for g in gens:
+            g.text()
+        # on the worker thread, after the step that finished them (jobs wait for idle)
+        after = engine._on_worker(engine.stats)
+        if prefix_cache:
+            assert after.kv_capacity >= 1024 and after.prefix_entries > 0
+        else:
+            assert (after.kv_rows, after.kv_capacity) == (first.kv_rows, first.kv_capacity)
+            assert first.kv_capacity < 704
+        again = engine.generate_ids(long_prompt, SamplingParams(max_tokens=4, temperature=0))
+        again.text()  # regrows as needed, same answer
+        assert again.result.output_ids == gens[0].result.output_ids
+    finally:
+        engine.close()
