@@ -18,6 +18,8 @@ vLLM runs from its own virtual environment (never this project's requirements): 
 docs/benchmarks.md for how it was installed. Its CPU build is started as its docs advise, with
 TCMalloc and Intel OpenMP preloaded where present, the compute threads bound to the cores.
 
+Ours runs as `scripts/run serve` (what a user runs; it preloads TCMalloc where installed).
+
 Usage: python bench/peer.py --weights DIR [--vllm-python PATH] [--rounds 2]
        [--prompts 512,2048,8192] [--decode-tokens 32] [--streams 8] [--stream-tokens 128]
        [--only ours|vllm]
@@ -201,7 +203,8 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
     ours_env = dict(os.environ, OMP_NUM_THREADS=threads)
     ours_env.pop("CHATGLM3_DEVICE", None)
     ours_port, vllm_port = free_port(), free_port()
-    ours = Server("ours", [args.ours_python, "-m", "chatglm3", "serve", "--weights",
+    # scripts/run: the user's command (it preloads TCMalloc where the system has it)
+    ours = Server("ours", [str(ROOT / "scripts" / "run"), "serve", "--weights",
                            str(args.weights), "--port", str(ours_port), "--device", "cpu",
                            "--dtype", args.dtype, "--max-batch", str(args.streams),
                            "--quantize", args.quantize, "--no-web", "--model-name", "m"],
@@ -268,7 +271,6 @@ def table(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--weights", type=Path, required=True)
-    ap.add_argument("--ours-python", default=str(ROOT / ".venv" / "bin" / "python"))
     ap.add_argument("--vllm-python", default=str(ROOT.parent / "vllm-venv" / "bin" / "python"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")],

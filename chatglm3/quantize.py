@@ -194,16 +194,23 @@ def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def release_freed_memory() -> None:
-    """Hands memory freed to glibc's heap back to the system (malloc_trim). Quantizing frees
-    each layer's unquantized copy right after packing it; copies under glibc's mmap threshold
-    (up to 32 MB) stay in the heap, fragmented, and a quarter-width 8-layer int4 load ended at
-    3.1x its weights' RSS without this, 1.1x with it (tests/test_quantize.py). No-op off glibc."""
-    try:
-        import ctypes
+    """Hands freed heap memory back to the system. Quantizing frees each layer's unquantized
+    copy right after packing it; with glibc, copies under its mmap threshold (up to 32 MB)
+    stay in the heap, fragmented, and a quarter-width 8-layer int4 load ended at 3.1x its
+    weights' RSS without this, 1.1x with it (tests/test_quantize.py): malloc_trim. Under
+    TCMalloc (scripts/run preloads it where installed) its own call does the same. A no-op
+    with neither."""
+    import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return
+    for name in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):
+        fn = getattr(process, name, None)
+        if fn is not None:
+            fn() if name.startswith("Malloc") else fn(0)
+            return
 
 
 def _storage_bytes(t: torch.Tensor) -> int:

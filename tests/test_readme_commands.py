@@ -53,6 +53,19 @@ def fresh_env(tmp_path: Path, hub: FakeHub, **extra: str) -> dict[str, str]:
     return env
 
 
+def group_pids(pgid: int) -> list[int]:
+    """The processes of a process group (a command's shell and what it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
 def stop_group(proc: subprocess.Popen, sig: int) -> None:
     """Stops a command's whole process group (bash and what it started): `sig`, then kill."""
     try:
@@ -153,6 +166,11 @@ def test_the_openai_server_commands_answer(tmp_path: Path, hub: FakeHub) -> None
     try:
         assert ready.wait(300) and proc.poll() is None, "".join(lines)[-3000:]
         assert f"http://127.0.0.1:{port}" in lines[-1]
+        # scripts/run preloads TCMalloc where the system has it, and runs without it elsewhere
+        maps = "".join(Path(f"/proc/{pid}/maps").read_text() for pid in group_pids(proc.pid))
+        assert ("libtcmalloc_minimal" in maps) == any(
+            Path(d, "libtcmalloc_minimal.so.4").is_file()
+            for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64"))
         out = subprocess.run(["bash", "-c", curl_cmd.replace("8000", port) + " -sS"],
                              capture_output=True, text=True, timeout=120)
         answer = json.loads(out.stdout)
