@@ -123,8 +123,11 @@ def running_server(log_path: Path, startup_s: float = 120, **env_overrides: str)
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 _, health = _call("GET", srv.base + "/health-check", timeout=2)
-                if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED",
-                                                                         "DEFUNCT"):
+                # READY can be reported a moment before setup's own status leaves "starting"
+                # (seen once under load): wait for both.
+                if (isinstance(health, dict)
+                        and health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT")
+                        and (health.get("setup") or {}).get("status") != "starting"):
                     break
             except OSError:  # not listening yet
                 pass
