@@ -102,7 +102,10 @@ def test_the_local_server_command_fetches_and_serves_two_at_once(tmp_path: Path,
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 _, health = _call("GET", base + "/health-check", timeout=2)
-                if isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED"):
+                # READY can come a moment before setup's own status (and the slots) are
+                # done (cog; seen under load as a 409 "At capacity"): wait for both.
+                if (isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED")
+                        and (health.get("setup") or {}).get("status") != "starting"):
                     break
             except OSError:
                 pass
