@@ -26,7 +26,8 @@ TOKENIZER = Path(os.environ.get("CHATGLM3_TOKENIZER")
 def chatglm_config(**sizes: int) -> dict:
     cfg = dict(REAL, **sizes)
     # architectures as in the real config.json: vLLM picks its ChatGLM model by it
-    cfg.update(model_type="chatglm", architectures=["ChatGLMModel"], add_bias_linear=False, add_qkv_bias=True,
+    cfg.update(model_type="chatglm", architectures=["ChatGLMModel"], add_bias_linear=False,
+               add_qkv_bias=True,
                apply_residual_connection_post_layernorm=False, layernorm_epsilon=1e-5,
                multi_query_attention=True, original_rope=True, post_layer_norm=True,
                rmsnorm=True, rope_ratio=50, seq_length=CONTEXT, torch_dtype="float16",

@@ -206,10 +206,10 @@ def release_freed_memory() -> None:
         process = ctypes.CDLL(None)
     except OSError:
         return
-    for name in ("MallocExtension_ReleaseFreeMemory", "malloc_trim"):
+    for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):
         fn = getattr(process, name, None)
         if fn is not None:
-            fn() if name.startswith("Malloc") else fn(0)
+            fn(*args)
             return
 
 

@@ -95,6 +95,27 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
+def wait_settled(base: str, proc: subprocess.Popen, timeout_s: float,
+                 poll_s: float = 0.05) -> dict:
+    """Polls a Cog server's /health-check until it is READY, SETUP_FAILED or DEFUNCT with
+    setup's own status settled too, the process exits, or time runs out; the last health
+    seen ({} if none)."""
+    deadline, health = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            _, health = _call("GET", base + "/health-check", timeout=2)
+            # READY can be reported a moment before setup's own status leaves "starting"
+            # (seen under load, once as a 409 "At capacity" right after): wait for both.
+            if (isinstance(health, dict)
+                    and health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT")
+                    and (health.get("setup") or {}).get("status") != "starting"):
+                break
+        except OSError:  # not listening yet
+            pass
+        time.sleep(poll_s)
+    return health if isinstance(health, dict) else {}
+
+
 @contextlib.contextmanager
 def running_server(log_path: Path, startup_s: float = 120, **env_overrides: str) -> Iterator[Server]:
     """`python -m cog.server.http` as the image runs it, in the repository root, until it is
@@ -119,20 +140,7 @@ def running_server(log_path: Path, startup_s: float = 120, **env_overrides: str)
     srv = Server(f"http://127.0.0.1:{port}", log_path)
     srv.pid, srv.started_at = proc.pid, started
     try:
-        deadline, health = time.monotonic() + startup_s, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                _, health = _call("GET", srv.base + "/health-check", timeout=2)
-                # READY can be reported a moment before setup's own status leaves "starting"
-                # (seen once under load): wait for both.
-                if (isinstance(health, dict)
-                        and health.get("status") in ("READY", "SETUP_FAILED", "DEFUNCT")
-                        and (health.get("setup") or {}).get("status") != "starting"):
-                    break
-            except OSError:  # not listening yet
-                pass
-            time.sleep(0.05)
-        srv.health = health or {}
+        srv.health = wait_settled(srv.base, proc, startup_s)
         srv.ready_after = time.monotonic() - started
         yield srv
     finally:

@@ -10,13 +10,12 @@ import re
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from chatglm3.download import DEFAULT_REPO, DEFAULT_REVISION
-from cogserver import _call
+from cogserver import _call, wait_settled
 from conftest import ROOT, TINY_CKPT
 from fakehub import FakeHub
 
@@ -98,18 +97,7 @@ def test_the_local_server_command_fetches_and_serves_two_at_once(tmp_path: Path,
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline, health = time.monotonic() + 300, {}
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                _, health = _call("GET", base + "/health-check", timeout=2)
-                # READY can come a moment before setup's own status (and the slots) are
-                # done (cog; seen under load as a 409 "At capacity"): wait for both.
-                if (isinstance(health, dict) and health.get("status") in ("READY", "SETUP_FAILED")
-                        and (health.get("setup") or {}).get("status") != "starting"):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
+        health = wait_settled(base, proc, 300, poll_s=0.2)
         text = (tmp_path / "server.log").read_text(errors="replace")
         assert health.get("status") == "READY", text[-4000:]
         assert hub.seen(match=f"/{DEFAULT_REPO}/resolve/{DEFAULT_REVISION}/")  # setup fetched
