@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from .decode_graphs import FixedShapeDecoder, decode_logits
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
-from .quantize import release_freed_memory
+from .host_memory import release_freed_memory
 from .rows import Move
 from .sampling import TokenLogprob, pick, token_logprobs
 from .scheduler import PrefillChunk, Request

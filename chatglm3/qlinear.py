@@ -227,12 +227,16 @@ def int4_unpack_works() -> bool:
     """Whether `unpack_int4_t` reads this CPU's packing: a random int4 layer of whole and
     shorter blocks, widened, against the kernel's own product with the identity (each output
     is one weight times 1: exact). Once per process, ~1 ms."""
-    from .quantize import int4_cpu_weight
+    # Loaded by now (int4 layers are made by quantize.int4_cpu_weight), so no import cost or
+    # noise; packed whole here (quantize's row blocks join into the same packing).
+    from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor
 
     gen = torch.Generator().manual_seed(0)
-    in_features = 2 * 128
-    w = torch.randn(3 * int4_packing()[0] + 16, in_features, generator=gen)
-    layer = Int4Linear.from_weight(int4_cpu_weight(w.to(torch.bfloat16)), None)
+    group = 128  # any group size exercises the layout
+    w = torch.randn(3 * int4_packing()[0] + 16, 2 * group, generator=gen)
+    layer = Int4Linear.from_weight(
+        Int4OpaqueTensor.from_hp(w.to(torch.bfloat16), [1, group]), None)
+    in_features = layer.in_features
     want = layer.kernel(torch.eye(in_features, dtype=torch.bfloat16))
     # widened in fp32 and rounded once, as the kernel computes its weights
     buf = torch.empty(want.numel(), dtype=torch.float32)

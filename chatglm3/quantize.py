@@ -50,6 +50,7 @@ from typing import Iterator
 
 import torch
 
+from .host_memory import release_freed_memory
 from .qlinear import Int4Linear, Int8Linear
 
 MODES = ("none", "int8", "int4")
@@ -191,26 +192,6 @@ def quantize_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
         quantizer.apply(model, name)
     model.quantize_mode = mode
     return model
-
-
-def release_freed_memory() -> None:
-    """Hands freed heap memory back to the system. Quantizing frees each layer's unquantized
-    copy right after packing it; with glibc, copies under its mmap threshold (up to 32 MB)
-    stay in the heap, fragmented, and a quarter-width 8-layer int4 load ended at 3.1x its
-    weights' RSS without this, 1.1x with it (tests/test_quantize.py): malloc_trim. Under
-    TCMalloc (scripts/run preloads it where installed) its own call does the same. A no-op
-    with neither."""
-    import ctypes
-
-    try:
-        process = ctypes.CDLL(None)
-    except OSError:
-        return
-    for name, args in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):
-        fn = getattr(process, name, None)
-        if fn is not None:
-            fn(*args)
-            return
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
