@@ -20,16 +20,19 @@ from typing import Iterator, Optional
 import cog
 from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 
-from chatglm3 import coglet_cancel, serving
-from chatglm3.devices import resolve_device
-from chatglm3.download import resolve_weights
+from chatglm3 import coglet_cancel
 from chatglm3.engine import Generation
 from chatglm3.messages import build_messages, parse_stop_sequences
 from chatglm3.params import SamplingParams
 from chatglm3.settings import Settings
+from chatglm3.startup import start_engine
 
 HISTORY_HELP = 'Earlier turns as JSON text, oldest first; empty = none. Either a list of messages [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; a system message may only come first), or a list of [question, answer] pairs [["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item. At most 8388608 characters and 32 levels of nesting.'
 STOP_HELP = r"Comma-separated strings that end the answer where they first appear (they are not part of the output), e.g. 'Observation:,User:'. Escapes: \, is a comma inside a stop string, \n a newline, \t a tab, \\ a backslash; anything else, spaces included, is kept as typed. At most 16 strings of at most 256 characters. Empty = none (the model's own end tokens always stop it)."
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 class Predictor(BaseRunner):
@@ -43,18 +46,13 @@ class Predictor(BaseRunner):
             print(f"warning: {warning}", flush=True)
         # Every load-time choice from the environment, checked before anything loads.
         settings = Settings.from_env(max_batch=Predictor.run.__cog_concurrent_max__)
-        device = resolve_device(settings.device)
-        t1 = time.perf_counter()
-        source = weights or None
-        print(f"device {device}; weights: {source or 'default hub repository'}", flush=True)
-        path = resolve_weights(source, knob="COG_WEIGHTS")
-        t2 = time.perf_counter()
-        self.engine, load_s, warm_s = serving.start(path, settings, device)
-        param = next(self.engine.model.parameters())
-        print(f"ready: {path} on {param.device} ({param.dtype}), batch {settings.max_batch}; "
-              f"device check {t1 - t0:.1f}s, weights (fetch + verify) {t2 - t1:.1f}s, "
-              f"load {load_s:.1f}s, warm-up {warm_s:.2f}s, total {time.perf_counter() - t0:.1f}s",
-              flush=True)
+        started = start_engine(weights or None, settings, say=_say, progress=True,
+                               knob="COG_WEIGHTS")
+        self.engine = started.engine
+        print(f"ready: {started.weights} on {started.device} ({self.engine.dtype}), batch {settings.max_batch}; "
+              f"device check {started.check_s:.1f}s, weights (fetch + verify) "
+              f"{started.fetch_s:.1f}s, load {started.load_s:.1f}s, warm-up "
+              f"{started.warm_s:.2f}s, total {time.perf_counter() - t0:.1f}s", flush=True)
 
     @cog.streaming
     @cog.concurrent(max=8)
@@ -74,6 +72,9 @@ class Predictor(BaseRunner):
             default=0.8, ge=0.0, le=1.0,
             description="Nucleus sampling: keep the most likely tokens whose probabilities add up to top_p; 1 = off; 0 = only the most likely token (greedy)."),
         top_k: int = Input(default=0, ge=0, description="Keep only the k most likely tokens; 0 = off."),
+        min_p: float = Input(
+            default=0.0, ge=0.0, le=1.0,
+            description="Keep only the tokens at least min_p times as likely as the most likely one; 0 = off."),
         repetition_penalty: float = Input(
             default=1.0, ge=0.01, le=10.0,
             description="Penalty for tokens already in the conversation; 1 = off, above 1 repeats less."),
@@ -93,7 +94,7 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
+                                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                                     min_tokens=min_tokens, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty,
                                     stop=parse_stop_sequences(stop_sequences))

@@ -21,12 +21,13 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 from .attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
+from .errors import SetupError
 from .packed_linear import pack_linears
 from .quantize import Quantizer
 from .tokenizer import STOP_IDS
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SetupError):
     """The checkpoint does not match what the model needs; the message says what and where."""
 
 

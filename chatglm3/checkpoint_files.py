@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
+from .errors import SetupError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(SetupError):
     """The checkpoint could not be fetched or is incomplete; the message names what and where."""
 
 

@@ -11,19 +11,16 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .cli_args import build_parser
+from .cli_args import build_parser, sampling_params
+from .errors import SetupError
 from .messages import build_messages
-from .params import SamplingParams
 from .settings import Settings
 from .tokenizer import ChatGLMTokenizer, Message
 
 if TYPE_CHECKING:  # torch and transformers load only once a command needs the model
-    import torch
-
     from .engine import Engine, Generation
 
 
@@ -35,20 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("\ninterrupted" if sys.stderr.isatty() else "interrupted")
         return 130
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if not isinstance(e, (ValueError, OSError, SetupError)):  # input, machine, weights
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that are the input's fault: shown as one line, never as a traceback. Only from
-    modules already imported (one that is not cannot have raised): importing checkpoint here
-    would load torch and transformers (~5 s) to report a bad argument."""
-    defined_in = {"chatglm3.checkpoint": "CheckpointError", "chatglm3.devices": "DeviceError",
-                  "chatglm3.checkpoint_files": "WeightsError"}
-    found = [getattr(sys.modules[m], name) for m, name in defined_in.items() if m in sys.modules]
-    return (ValueError, OSError, *found)
 
 
 def say(text: str) -> None:
@@ -100,75 +87,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def memory_used(device: "torch.device") -> str:
-    """GPU memory allocated on CUDA (the weights and buffers torch holds); otherwise the peak
-    resident memory of this process, which is what the weights cost on the CPU."""
-    import torch
-
-    if device.type == "cuda":
-        return f"GPU memory allocated {_size(torch.cuda.memory_allocated(device))}"
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return f"peak RSS {_size(peak if sys.platform == 'darwin' else peak * 1024)}"  # KiB on Linux
-
-
 def load_engine(args: argparse.Namespace) -> "Engine":
-    """The engine for --weights/--device/--dtype, saying on stderr what loads where and, once
-    ready, how long it took and the memory it holds."""
-    from .devices import resolve_device, resolve_dtype
-    from .download import resolve_weights
-    from .engine import Engine
-    from .quantize import compute_dtype
+    """The ready engine for the flags (over the CHATGLM3_* variables), saying on stderr what
+    loads where and, once ready, how long it took and the memory it holds."""
+    from .startup import start_engine
 
-    # Flags over the CHATGLM3_* variables (a ValueError naming the flag or variable).
     settings = Settings.from_args(args, os.environ)
-    # Device checks first: a missing GPU should not cost a 12 GB download or load first.
-    device = resolve_device(settings.device)
-    dtype = compute_dtype(settings.quantize, device, resolve_dtype(settings.dtype, device))
-    if settings.decode_step == "graphs" and device.type != "cuda":
-        raise ValueError("decode_step: graphs needs a CUDA device")
-    path = resolve_weights(args.weights)
-    where = str(device)
-    if device.type == "cuda":
-        import torch
-
-        where += f" ({torch.cuda.get_device_name(device)})"
-    quantized = ("" if settings.quantize == "none"
-                 else f", linear layers quantized to {settings.quantize}")
-    say(f"loading weights {Path(path).absolute()} on {where} as "
-        f"{str(dtype).removeprefix('torch.')}{quantized}")
-    start = time.perf_counter()
-    kwargs = dict(settings.engine_kwargs(), device=device, dtype=dtype)
-    engine = Engine.from_pretrained(path, progress=True, **kwargs)
-    if engine.quantize != "none":
-        say(f"weights: {_size(engine.weight_bytes)} (quantize {engine.quantize})")
-    from .packed_linear import layers_summary
-
-    if (layers := layers_summary(engine.model)) is not None:
-        say(layers)
-    if engine.kv_plan is not None:
-        say(f"KV cache: {engine.kv_plan}")
-    # On a GPU: every prefill shape, the decoding graphs recorded and checked against eager
-    # steps. On a CPU the prefill shapes would cost minutes of a 6B model for one user's chat.
-    engine.warm_up(prefill=device.type == "cuda")
-    say(f"ready in {time.perf_counter() - start:.1f} s ({memory_used(device)})")
-    return engine
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=args.stop, min_tokens=args.min_tokens, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-    )
-    # (built, it is validated: before the model loads, so a typo costs no 12 GB load)
-    return params
+    return start_engine(args.weights, settings, say=say, progress=True).engine
 
 
 def finish_cancelled(gen: "Generation") -> str:

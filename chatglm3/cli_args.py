@@ -6,25 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from .params import (
-    CONTEXT,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_P,
-    GREEDY_BELOW_TEMPERATURE,
-    MAX_PENALTY,
-    MAX_REPETITION_PENALTY,
-    MAX_SEED,
-    MAX_STOP_LENGTH,
-    MAX_STOP_SEQUENCES,
-    MAX_TEMPERATURE,
-    MIN_PENALTY,
-    MIN_REPETITION_PENALTY,
-    SamplingParams,
-)
+from .params import FIELDS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, SamplingParams
 from .settings import add_arguments
-
-_DEFAULTS = SamplingParams()  # the defaults params.py has no named constant for (top_k, ...)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,50 +53,31 @@ def _input_parser() -> OneLineParser:
 
 
 def _sampling_parser(reports_seed: str) -> OneLineParser:
-    """Every default and range here comes from params.py, which SamplingParams.validate checks.
-    `reports_seed`: where the command shows a random seed it drew."""
+    """A flag per sampling setting params.FIELDS gives the CLI (name, type, default, range and
+    help from there), and --stop. `reports_seed`: where the command shows a seed it drew."""
     parser = OneLineParser(add_help=False)
-    parser.add_argument(
-        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
-        help=f"tokens to generate at most, 1-{CONTEXT} (cut to the room the prompt leaves in the "
-             f"{CONTEXT}-token context; default {DEFAULT_MAX_TOKENS})")
-    parser.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
-        help=f"sampling temperature, 0-{MAX_TEMPERATURE:g} (below {GREEDY_BELOW_TEMPERATURE:g} "
-             f"= greedy; default {DEFAULT_TEMPERATURE:g})")
-    parser.add_argument(
-        "--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
-        help=f"nucleus sampling, 0-1 (1 = off, 0 = greedy; default {DEFAULT_TOP_P:g})")
-    parser.add_argument(
-        "--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
-        help=f"sample among the K likeliest tokens, 0 or more (0 = off; "
-             f"default {_DEFAULTS.top_k})")
-    parser.add_argument(
-        "--repetition-penalty", type=float, default=_DEFAULTS.repetition_penalty, metavar="R",
-        help=f"penalty on tokens already seen, {MIN_REPETITION_PENALTY:g}-"
-             f"{MAX_REPETITION_PENALTY:g} (1 = off; default {_DEFAULTS.repetition_penalty:g})")
-    parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS.seed, metavar="S",
-        help=f"random seed, 0-{MAX_SEED} (default: a random one, {reports_seed})")
+    for f in FIELDS:
+        if not f.cli:
+            continue
+        default = (f"default: a random one, {reports_seed}" if f.default is None
+                   else f"default {f.default:g}")
+        note = f"{f.note}; " if f.note else ""
+        parser.add_argument(f.flag, type=f.kind, default=f.default, metavar=f.metavar,
+                            help=f"{f.help}, {f.short_range} ({note}{default})")
     # One value per flag: with nargs="+" a prompt after `--stop X` became a second stop string.
     parser.add_argument(
         "--stop", action="append", default=[], metavar="TEXT",
         help=f"end the answer at this text (not included); repeat for more: --stop A --stop B "
              f"(at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_LENGTH} characters; "
              f"default: none)")
-    parser.add_argument(
-        "--min-tokens", type=int, default=_DEFAULTS.min_tokens, metavar="N",
-        help=f"fewest tokens to generate: the end tokens are held back until then, 0-{CONTEXT} "
-             f"(0 = off; default {_DEFAULTS.min_tokens})")
-    parser.add_argument(
-        "--presence-penalty", type=float, default=_DEFAULTS.presence_penalty, metavar="P",
-        help=f"subtracted once from every token already generated, {MIN_PENALTY:g} to "
-             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.presence_penalty:g})")
-    parser.add_argument(
-        "--frequency-penalty", type=float, default=_DEFAULTS.frequency_penalty, metavar="F",
-        help=f"subtracted once per time a token was already generated, {MIN_PENALTY:g} to "
-             f"{MAX_PENALTY:g} (0 = off; default {_DEFAULTS.frequency_penalty:g})")
     return parser
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The parsed sampling flags as checked SamplingParams (SettingsError names bad ones):
+    before the model loads, so a typo costs no 12 GB load."""
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli},
+                          stop=args.stop)
 
 
 def build_parser() -> OneLineParser:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
+from .errors import SetupError
 from .settings import DEVICES
 
 
-class DeviceError(RuntimeError):
+class DeviceError(SetupError):
     """The device asked for cannot be used; the message names what was found."""
 
 

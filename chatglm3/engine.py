@@ -241,19 +241,17 @@ class Engine:
         no cache row as planned could ever hold it."""
         return self.submit(self.prepare(ids, params or SamplingParams()))
 
-    # A request's checks, in the one order every path takes: the settings (validated here and
-    # nowhere else on the way: SamplingParams.validate), the conversation's size, the KV row.
+    # A request's checks, in the one order every path takes: the settings (SamplingParams,
+    # checked when built and immutable), the conversation's size, the KV row.
     # prepare*() may run on any thread (predict.py tokenizes off its event loop); submit()
     # queues what they made.
 
     def prepare_messages(self, messages: Sequence[Message], params: SamplingParams) -> Request:
         """A checked request for a conversation, not queued yet (see `submit`)."""
-        params.validate()  # before encoding: a bad setting costs no tokenizing
         return self._build(self.encode(messages), params)
 
     def prepare(self, ids: Sequence[int], params: SamplingParams) -> Request:
         """A checked request for chat input ids, not queued yet (see `submit`)."""
-        params.validate()
         return self._build(list(ids), params)
 
     def _build(self, ids: list[int], params: SamplingParams) -> Request:

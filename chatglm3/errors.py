@@ -36,3 +36,37 @@ class RequestTooLarge(ValueError):
 class OutOfMemory(RuntimeError):
     """The device ran out of memory during one request's prefill or one decoding step: those
     requests fail with this, the engine frees what they held and serves on."""
+
+
+class SetupError(RuntimeError):
+    """The device, the weights or the checkpoint cannot serve as asked; the message says what
+    was found and what to change. Raised before serving starts: every door reports it as one
+    line, never a traceback."""
+
+
+class InputError(ValueError):
+    """Bad input from a user; `field` names what was bad (an API's `param`), when one did."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class HistoryError(InputError):
+    """Bad chat history or message text; the message names the offending item and what was
+    expected."""
+
+
+def check_text(field: str, text: str) -> None:
+    """Rejects text that is not valid Unicode (a lone surrogate), which SentencePiece cannot take.
+
+    Lone surrogates come from JSON escapes like "\\ud800" and from command-line bytes that are
+    not UTF-8 (Python decodes argv with surrogateescape).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HistoryError(
+            f"{field}: not valid Unicode text (lone surrogate U+{ord(text[e.start]):04X} "
+            f"at character {e.start}); send UTF-8 text", field
+        ) from None

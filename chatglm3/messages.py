@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import HistoryError, check_text
 from .tokenizer import ROLES, Message
+
 
 MESSAGE_KEYS = {"role", "content", "metadata", "tools"}
 
@@ -28,10 +30,6 @@ MAX_HISTORY_CHARS = 8 * 2**20
 _BRACKET_STEPS = bytes(
     {ord("["): 1, ord("{"): 1, ord("]"): 255, ord("}"): 255}.get(b, 0) for b in range(256)
 )
-
-
-class HistoryError(ValueError):
-    """Bad chat history; the message names the offending item and what was expected."""
 
 
 def parse_history(history: str | list | None) -> list[Message]:
@@ -107,21 +105,6 @@ def build_messages(
         messages.insert(0, Message("system", system_prompt))
     messages.append(Message(role, prompt))  # type: ignore[arg-type]
     return messages
-
-
-def check_text(field: str, text: str) -> None:
-    """Rejects text that is not valid Unicode (a lone surrogate), which SentencePiece cannot take.
-
-    Lone surrogates come from JSON escapes like "\\ud800" and from command-line bytes that are
-    not UTF-8 (Python decodes argv with surrogateescape).
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise HistoryError(
-            f"{field}: not valid Unicode text (lone surrogate U+{ord(text[e.start]):04X} "
-            f"at character {e.start}); send UTF-8 text"
-        ) from None
 
 
 def check_order(messages: list[Message], where: str = "history") -> None:

@@ -1,12 +1,21 @@
-"""Sampling settings: their defaults and limits, in one place (no heavy imports: the CLI checks
-them before loading). The CLI, the Python API and the Cog schema all follow these; predict.py
-repeats them as literals (cog build's parser reads only literals) and a test keeps them equal.
+"""Sampling settings, each declared once (`FIELDS`): name, type, default, limits, help text and
+the names the OpenAI API reads it under. Everything else is derived from the declarations:
+`SamplingParams`' checks and messages, the CLI's flags and --help (cli_args.py), the OpenAI
+request parsing (api/protocol.py) and the chat page's controls (webchat). predict.py repeats
+them as literals (cog build's parser reads only literals) and tests/test_cog_static.py keeps
+them equal. A leaf module: no heavy import (the CLI checks flags before loading anything).
+
+Adding a plain numeric setting: one `Field` here, a dataclass field on `SamplingParams`, its
+effect in sampling.py, and its `Input` in predict.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
+
+from .errors import InputError, check_text
 
 CONTEXT = 32768  # ChatGLM3-6B-32K's context window in tokens (seq_length in its config.json)
 
@@ -35,22 +44,133 @@ MAX_STOP_LENGTH = 256
 MAX_LOGPROBS = 20
 
 
-class SettingsError(ValueError):
-    """A sampling setting out of range; the message names the field and the limit."""
+@dataclass(frozen=True)
+class Field:
+    """One numeric sampling setting. `low`/`high`: inclusive bounds (None: unbounded);
+    `note`: what its special values mean, shown after the range in errors and --help;
+    `api`: the names an OpenAI body sets it by, the first one present wins (() = the API
+    reads it its own way); `cli`: whether the CLI has a flag for it; `optional`: None is
+    allowed (and is the default)."""
+
+    name: str
+    kind: type  # int or float
+    default: int | float | None
+    low: int | float | None
+    high: int | float | None
+    help: str
+    note: str = ""
+    api: tuple[str, ...] | None = None  # None: the field's own name
+    cli: bool = True
+    optional: bool = False
+    metavar: str = "N"
+
+    @property
+    def api_names(self) -> tuple[str, ...]:
+        return (self.name,) if self.api is None else self.api
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def limit(self) -> str:
+        """The accepted values in words: 'an integer from 1 to 32768 (...)'."""
+        g = _number_text
+        if self.low is not None and self.high is not None:
+            span = f"from {g(self.low)} to {g(self.high)}"
+        else:
+            span = f">= {g(self.low)}" if self.low is not None else f"<= {g(self.high)}"
+        text = f"an integer {span}" if self.kind is int else span
+        return f"{text} ({self.note})" if self.note else text
+
+    @property
+    def short_range(self) -> str:
+        """The range as --help states it: '0-5', '-2 to 2', '0 or more'."""
+        g = _number_text
+        if self.high is None:
+            return f"{g(self.low)} or more"
+        sep = " to " if self.low < 0 else "-"
+        return f"{g(self.low)}{sep}{g(self.high)}"
+
+    def error(self, value: object) -> str | None:
+        """The message for a bad `value`, None when it is good."""
+        if value is None and self.optional:
+            return None
+        good = _integer(value) if self.kind is int else _finite(value)
+        if good and (self.low is None or value >= self.low) and (
+                self.high is None or value <= self.high):
+            return None
+        return f"{self.name}: must be {self.limit}, got {value!r}"
 
 
-@dataclass
+FIELDS: tuple[Field, ...] = (
+    Field("max_tokens", int, DEFAULT_MAX_TOKENS, 1, CONTEXT,
+          "tokens to generate at most",
+          f"it is cut to the room the prompt leaves in the {CONTEXT}-token context",
+          api=("max_completion_tokens", "max_tokens")),
+    Field("temperature", float, DEFAULT_TEMPERATURE, 0.0, MAX_TEMPERATURE,
+          "sampling temperature", f"below {GREEDY_BELOW_TEMPERATURE:g} = greedy", metavar="T"),
+    Field("top_p", float, DEFAULT_TOP_P, 0.0, 1.0,
+          "nucleus sampling: keep the likeliest tokens whose probabilities add up to it",
+          "1 = off, 0 = greedy", metavar="P"),
+    Field("top_k", int, 0, 0, None, "sample among the K likeliest tokens", "0 = off",
+          metavar="K"),
+    Field("min_p", float, 0.0, 0.0, 1.0,
+          "keep only the tokens at least this fraction as likely as the likeliest one",
+          "0 = off", metavar="P"),
+    Field("repetition_penalty", float, 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY,
+          "penalty on tokens already in the conversation (prompt and answer)",
+          "1 = off, above 1 repeats less", metavar="R"),
+    Field("presence_penalty", float, 0.0, MIN_PENALTY, MAX_PENALTY,
+          "subtracted once from every token already generated", "0 = off", metavar="P"),
+    Field("frequency_penalty", float, 0.0, MIN_PENALTY, MAX_PENALTY,
+          "subtracted once per time a token was already generated", "0 = off", metavar="F"),
+    Field("min_tokens", int, 0, 0, CONTEXT,
+          "fewest tokens to generate: the end tokens are held back until then", "0 = off"),
+    # The API draws one seed per choice from it (api/protocol.py): read there.
+    Field("seed", int, None, 0, MAX_SEED, "random seed", "2**53-1",
+          api=(), optional=True, metavar="S"),
+    # An API reads it from its own fields (chat: logprobs + top_logprobs; completions:
+    # logprobs as a count); the CLI prints no log-probabilities.
+    Field("logprobs", int, None, 0, MAX_LOGPROBS,
+          "report each token's log-probability and this many likeliest alternatives",
+          "None = off", api=(), cli=False, optional=True),
+)
+BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
+
+
+class SettingsError(InputError):
+    """Sampling settings out of range: one message naming every bad field and its limit;
+    `fields` holds their names in order (the first is `field`)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems  # (field, message naming it)
+        self.fields = [name for name, _ in problems]
+        super().__init__("; ".join(message for _, message in problems), self.fields[0])
+
+    def renamed(self, names: Mapping[str, str]) -> str:
+        """The message with each bad field called by `names` (an API's spelling)."""
+        return "; ".join(names[f] + m[len(f):] if f in names and m.startswith(f) else m
+                         for f, m in self.problems)
+
+
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 (or top_p 0) is greedy; top_k 0 is off."""
+    """How to pick tokens, checked when built (every bad field named at once) and immutable
+    after. temperature 0 (or top_p 0) is greedy; top_k, min_p and the penalties at their
+    defaults are off. Numbers come as JSON clients send them: integral floats (4.0) become the
+    integers they stand for, integers (2) floats (transformers' repetition penalty refuses an
+    int). `stop`: strings that end the answer (kept as a tuple)."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     top_k: int = 0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    min_tokens: int = 0  # the stop tokens are suppressed until this many tokens are out
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    min_tokens: int = 0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # Report each generated token's log-probability and this many likeliest alternatives
@@ -58,79 +178,42 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        self.validate()  # bad values fail when built, not at the first step
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if f.kind is int and isinstance(value, float) and value.is_integer():
+                object.__setattr__(self, f.name, int(value))
+            elif f.kind is float and _integer(value) and abs(value) < 2**1023:
+                object.__setattr__(self, f.name, float(value))  # (a larger one: an error)
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        self.validate()
 
     def validate(self) -> None:
-        """Checks every setting against its limit and raises one SettingsError naming each bad
-        field. Numbers are taken as JSON clients send them: integral floats (4.0) become the
-        integers they are, and integers (2) the floats they stand for (transformers' repetition
-        penalty refuses an int). Call it again after changing a field (predict.py sets stop)."""
-        errors = [e for e in (self._number_errors() + self._stop_errors()) if e]
-        if errors:
-            raise SettingsError("; ".join(errors))
+        """Raises one SettingsError naming every bad field (the constructor calls it)."""
+        problems = [(f.name, m) for f in FIELDS if (m := f.error(getattr(self, f.name)))]
+        problems += self._stop_problems()
+        if problems:
+            raise SettingsError(problems)
 
-    def _number_errors(self) -> list[str]:
-        errors: list[str] = []
-
-        def bad(name: str, limit: str) -> None:
-            errors.append(f"{name}: must be {limit}, got {getattr(self, name)!r}")
-
-        for name in _INTEGER_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                setattr(self, name, int(value))
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if _integer(value):
-                setattr(self, name, float(value))
-        if not _integer(self.max_tokens) or not 1 <= self.max_tokens <= CONTEXT:
-            bad("max_tokens", f"an integer from 1 to {CONTEXT} (it is cut to the room the "
-                              "prompt leaves in the context)")
-        if not _finite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            bad("temperature", f"from 0 to {MAX_TEMPERATURE:g} (below "
-                               f"{GREEDY_BELOW_TEMPERATURE:g} = greedy)")
-        if not _finite(self.top_p) or not 0 <= self.top_p <= 1:
-            bad("top_p", "from 0 to 1 (1 = off, 0 = greedy)")
-        if not _integer(self.top_k) or self.top_k < 0:
-            bad("top_k", "an integer >= 0 (0 = off)")
-        if (not _finite(self.repetition_penalty)
-                or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
-            bad("repetition_penalty", f"from {MIN_REPETITION_PENALTY:g} to "
-                                      f"{MAX_REPETITION_PENALTY:g} (1 = off)")
-        if self.seed is not None and (not _integer(self.seed) or not 0 <= self.seed <= MAX_SEED):
-            bad("seed", f"an integer from 0 to {MAX_SEED} (2**53-1)")
-        if not _integer(self.min_tokens) or not 0 <= self.min_tokens <= CONTEXT:
-            bad("min_tokens", f"an integer from 0 to {CONTEXT} (0 = off)")
-        if self.logprobs is not None and (not _integer(self.logprobs)
-                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            bad("logprobs", f"an integer from 0 to {MAX_LOGPROBS} (alternatives per token) "
-                            "or None (off)")
-        for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if not _finite(value) or not MIN_PENALTY <= value <= MAX_PENALTY:
-                bad(name, f"from {MIN_PENALTY:g} to {MAX_PENALTY:g} (0 = off)")
-        return errors
-
-    def _stop_errors(self) -> list[str]:
-        from .messages import check_text  # messages imports the tokenizer; only needed here
-
-        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)) or not all(
-                isinstance(s, str) for s in self.stop):
-            return ["stop_sequences: must be a list of strings"]
+    def _stop_problems(self) -> list[tuple[str, str]]:
+        name = "stop_sequences"
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
+            return [(name, f"{name}: must be a list of strings")]
         stops = [s for s in self.stop if s]
         if len(stops) > MAX_STOP_SEQUENCES:
-            return [f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop strings, got {len(stops)}"]
-        errors = []
+            return [(name, f"{name}: at most {MAX_STOP_SEQUENCES} stop strings, "
+                           f"got {len(stops)}")]
+        problems = []
         for i, s in enumerate(stops):
             if len(s) > MAX_STOP_LENGTH:
-                errors.append(f"stop_sequences[{i}]: at most {MAX_STOP_LENGTH} characters, "
-                              f"got {len(s)}")
+                problems.append((name, f"{name}[{i}]: at most {MAX_STOP_LENGTH} characters, "
+                                       f"got {len(s)}"))
                 continue
             try:
-                check_text(f"stop_sequences[{i}]", s)
-            except ValueError as e:
-                errors.append(str(e))
-        return errors
+                check_text(f"{name}[{i}]", s)
+            except InputError as e:
+                problems.append((name, str(e)))
+        return problems
 
     @property
     def greedy(self) -> bool:
@@ -138,9 +221,9 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_p == 0
 
 
-_INTEGER_FIELDS = ("max_tokens", "top_k", "seed", "min_tokens", "logprobs")
-_FLOAT_FIELDS = ("temperature", "top_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty")
+def _number_text(x: int | float) -> str:
+    """5.0 -> '5', 0.01 -> '0.01', 2**53-1 in full (not 9.0072e+15)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _finite(x: object) -> bool:

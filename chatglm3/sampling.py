@@ -146,12 +146,13 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
 
 
 def _sample(scores: torch.Tensor, settings: list[tuple[SamplingParams, float]]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (as transformers' warpers apply them), then the
-    inverse-CDF draw; everything batched, in descending order of the scores."""
+    """Temperature, then top-k, then top-p, then min-p (the order of transformers' warpers),
+    then the inverse-CDF draw; everything batched, in descending order of the scores."""
     vocab = scores.shape[-1]
-    host = torch.tensor([[p.temperature, p.top_k or vocab, p.top_p, u] for p, u in settings])
-    temperature, top_k, top_p, u = host.to(scores.device).unbind(-1)
-    order, probs, keep = kept_tokens(scores, temperature, top_k, top_p)
+    host = torch.tensor([[p.temperature, p.top_k or vocab, p.top_p, p.min_p, u]
+                         for p, u in settings])
+    temperature, top_k, top_p, min_p, u = host.to(scores.device).unbind(-1)
+    order, probs, keep = kept_tokens(scores, temperature, top_k, top_p, min_p)
     cdf = (probs * keep).cumsum(-1)
     pos = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)
     pos = torch.minimum(pos, keep.sum(-1, keepdim=True) - 1)
@@ -159,15 +160,20 @@ def _sample(scores: torch.Tensor, settings: list[tuple[SamplingParams, float]]) 
 
 
 def kept_tokens(scores: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row temperature, top-k (a count, vocab = off) and top-p on `scores` [batch, vocab]:
-    (order, probs, keep), all [batch, vocab] in descending order of the scores: the token ids,
-    their probabilities after temperature and top-k, and which of them top-p keeps."""
+                top_p: torch.Tensor, min_p: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row temperature, top-k (a count, vocab = off), top-p and min-p (0 = off) on `scores`
+    [batch, vocab]: (order, probs, keep), all [batch, vocab] in descending order of the scores:
+    the token ids, their probabilities after temperature and top-k, and which of them top-p
+    and min-p keep. min-p keeps a token whose probability is at least min_p times the top
+    token's; a ratio, so the same whichever filters ran before it."""
     vocab = scores.shape[-1]
     ordered, order = torch.sort(scores / temperature[:, None], dim=-1, descending=True)
     within_k = torch.arange(vocab, device=scores.device) < top_k[:, None]
     probs = torch.softmax(ordered.masked_fill(~within_k, float("-inf")), dim=-1)
     before = probs.cumsum(-1) - probs  # probability mass ranked above each token
     keep = (before < top_p[:, None]) & within_k
+    if min_p is not None:
+        keep &= probs >= min_p[:, None] * probs[:, :1]
     keep[:, 0] = True  # the top token always stays
     return order, probs, keep

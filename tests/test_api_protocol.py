@@ -37,6 +37,26 @@ def test_errors_use_the_apis_field_names() -> None:
     assert error(parse_chat, {**BASE, "model": "other"}, "m").status == 404
 
 
+@pytest.mark.parametrize("body, want", [
+    ({"min_p": 0.1}, {"min_p": 0.1}), ({"min_p": 0}, {"min_p": 0.0}),
+    ({"top_k": 40, "repetition_penalty": 1.1, "min_tokens": 3},
+     {"top_k": 40, "repetition_penalty": 1.1, "min_tokens": 3}),
+    ({"max_tokens": 9, "max_completion_tokens": 7}, {"max_tokens": 7}),
+    ({"min_p": None, "top_k": None}, {"min_p": 0.0, "top_k": 0}),  # null = the default
+])
+def test_every_declared_sampling_field_is_read(body, want) -> None:
+    for parse, base in ((parse_chat, BASE), (parse_completion, {"model": "m", "prompt": "x"})):
+        params = parse({**base, **body}, "m").params[0]
+        assert {k: getattr(params, k) for k in want} == want
+
+
+@pytest.mark.parametrize("field, value", [("min_p", 1.5), ("min_p", -0.1), ("min_p", "0.1"),
+                                          ("top_k", -1), ("frequency_penalty", 3)])
+def test_bad_sampling_values_name_the_field(field, value) -> None:
+    e = error(parse_chat, {**BASE, field: value}, "m")
+    assert e.status == 400 and e.param == field and e.message.startswith(f"{field}: ")
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("tools", [{"type": "function"}], "tool calls"),
     ("function_call", {"name": "f"}, "function calls"),

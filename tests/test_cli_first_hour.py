@@ -249,8 +249,13 @@ def test_loading_messages_on_stderr_answer_alone_on_stdout() -> None:
                           "loading shard 2/2: pytorch_model-00002-of-00002.bin"]
     # how the CPU linear layers multiply (packed_linear.layers_summary): 2 layers x 6 + output
     assert lines[3] == "linear layers: 13 packed once for oneDNN (CPU)"
-    assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[4])
-    assert len(lines) == 5
+    # the lines every door's start-up says (startup.start_engine)
+    assert lines[4:6] == ["KV cache: grows on demand (CPU, no KV budget set)",
+                          "prefix cache: off (the default on a CPU; CHATGLM3_PREFIX_CACHE=1 "
+                          "turns it on)"]
+    assert lines[6].startswith("warm-up: ") and "decoding: eager" in lines[6]
+    assert re.fullmatch(r"ready in \d+\.\d s \(peak RSS \d+(\.\d+)? (MiB|GiB)\)", lines[7])
+    assert len(lines) == 8
     assert "loading" not in out.stdout and "ready" not in out.stdout
 
 

@@ -49,31 +49,21 @@ def test_predict_py_is_inside_the_subset(static, predictor) -> None:
 
 def test_literals_equal_chatglm3s_defaults_and_limits(predictor) -> None:
     kw = inputs(predictor)
-    assert kw["max_tokens"]["default"] == params.DEFAULT_MAX_TOKENS
-    assert (kw["max_tokens"]["ge"], kw["max_tokens"]["le"]) == (1, params.CONTEXT)
-    assert kw["temperature"]["default"] == params.DEFAULT_TEMPERATURE
-    assert (kw["temperature"]["ge"], kw["temperature"]["le"]) == (0, params.MAX_TEMPERATURE)
-    assert kw["top_p"]["default"] == params.DEFAULT_TOP_P
-    assert (kw["top_p"]["ge"], kw["top_p"]["le"]) == (0, 1)
-    assert kw["top_k"]["default"] == 0 and kw["top_k"]["ge"] == 0
-    assert (kw["repetition_penalty"]["ge"], kw["repetition_penalty"]["le"]) == (
-        params.MIN_REPETITION_PENALTY, params.MAX_REPETITION_PENALTY)
-    assert kw["seed"]["default"] is None and kw["seed"]["ge"] == 0
-    assert kw["seed"]["le"] == params.MAX_SEED and int(float(params.MAX_SEED)) == params.MAX_SEED
+    # Every sampling setting the declarations give the CLI is a Cog input too (logprobs has no
+    # text output to report on), with the declared default and bounds.
+    declared = [f for f in params.FIELDS if f.cli]
+    assert {f.name for f in declared} <= kw.keys()
+    for f in declared:
+        assert kw[f.name]["default"] == f.default, f.name
+        assert kw[f.name].get("ge") == f.low, f.name
+        assert kw[f.name].get("le") == f.high, f.name
+        assert getattr(params.SamplingParams(), f.name) == f.default, f.name
+    assert int(float(params.MAX_SEED)) == params.MAX_SEED  # exact in the schema's float64
     assert kw["history"]["max_length"] == messages.MAX_HISTORY_CHARS
     # room for the most stop strings at the longest length, every character escaped
     most = params.MAX_STOP_SEQUENCES * (2 * params.MAX_STOP_LENGTH + 1)
     assert most <= kw["stop_sequences"]["max_length"] <= 4 * most
     assert predictor.concurrency_max == DEFAULT_MAX_BATCH
-    assert kw["min_tokens"]["default"] == 0 and (kw["min_tokens"]["ge"], kw["min_tokens"]["le"]) == (
-        0, params.CONTEXT)
-    for name in ("presence_penalty", "frequency_penalty"):
-        assert kw[name]["default"] == 0
-        assert (kw[name]["ge"], kw[name]["le"]) == (params.MIN_PENALTY, params.MAX_PENALTY)
-    defaults = params.SamplingParams()  # every input's default is the Python API's default
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-                 "min_tokens", "presence_penalty", "frequency_penalty"):
-        assert kw[name]["default"] == getattr(defaults, name), name
     # the numbers the descriptions state are the enforced ones
     assert f"{params.CONTEXT}-token" in kw["max_tokens"]["description"]
     assert f"below {params.GREEDY_BELOW_TEMPERATURE:g}" in kw["temperature"]["description"]
@@ -81,6 +71,14 @@ def test_literals_equal_chatglm3s_defaults_and_limits(predictor) -> None:
             f"{messages.MAX_HISTORY_DEPTH} levels") in kw["history"]["description"]
     assert (f"At most {params.MAX_STOP_SEQUENCES} strings of at most "
             f"{params.MAX_STOP_LENGTH} characters") in kw["stop_sequences"]["description"]
+
+
+def test_declarations_are_samplingparams_fields() -> None:
+    """Each declared setting is a SamplingParams field, and each numeric field is declared."""
+    from dataclasses import fields
+
+    assert {f.name for f in params.FIELDS} == {f.name for f in fields(params.SamplingParams)} - {
+        "stop"}
 
 
 def test_committed_schema_carries_these_literals(predictor) -> None:

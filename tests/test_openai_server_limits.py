@@ -159,11 +159,13 @@ def test_a_public_address_without_a_key_warns(monkeypatch, capsys) -> None:
     class Loaded(Exception):
         pass
 
-    def load(args):
+    def load(*args, **kwargs):
         raise Loaded
 
+    from chatglm3 import startup
+
     monkeypatch.delenv("CHATGLM3_API_KEY", raising=False)
-    monkeypatch.setattr(cli, "load_engine", load)
+    monkeypatch.setattr(startup, "start_engine", load)
     with pytest.raises(Loaded):
         cli.main(["serve", "--host", "0.0.0.0", "--port", "0"])
     assert "without an API key" in capsys.readouterr().err

@@ -476,7 +476,9 @@ def test_env_switch(monkeypatch) -> None:
     monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
     monkeypatch.setattr(predict.coglet_cancel, "install", lambda: None)
     monkeypatch.setattr(predict.coglet_cancel, "check_coglet_version", lambda: None)
-    monkeypatch.setattr(predict, "resolve_weights", lambda *a, **k: "/nowhere")
+    from chatglm3 import startup
+
+    monkeypatch.setattr(startup, "resolve_weights", lambda *a, **k: "/nowhere")
     monkeypatch.setenv("CHATGLM3_DEVICE", "cpu")
     for value, expected in (("0", False), ("1", True), ("", None)):
         monkeypatch.setenv("CHATGLM3_PREFIX_CACHE", value)

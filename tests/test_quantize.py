@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -399,8 +400,8 @@ def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
     try:
         assert p.engine.quantize == "int4" and isinstance(p.engine.model.lm_head, Int8Linear)
         log = capsys.readouterr().out
-        assert f"quantize: int4 (CHATGLM3_QUANTIZE); weights " \
-               f"{p.engine.weight_bytes / 2**30:.2f} GiB" in log
+        size = re.search(r"^weights: (\d+) MiB \(quantize int4\)$", log, re.M)
+        assert size and int(size[1]) == round(p.engine.weight_bytes / 2**20), log
         assert "KV cache: " in log and "ready: " in log
         # how its layers multiply in bf16 on this CPU (qlinear.widen_above decides)
         above = Int4Linear.widen_above(torch.bfloat16)
@@ -409,7 +410,9 @@ def test_predictor_setup_takes_chatglm3_quantize(monkeypatch, capsys) -> None:
     finally:
         p.engine.close()
     monkeypatch.setenv("CHATGLM3_QUANTIZE", "int3")
-    monkeypatch.setattr(predict, "resolve_weights",
+    from chatglm3 import startup
+
+    monkeypatch.setattr(startup, "resolve_weights",
                         lambda *a, **k: pytest.fail("fetched despite a bad CHATGLM3_QUANTIZE"))
     with pytest.raises(ValueError, match="CHATGLM3_QUANTIZE: expected one of none, "
                                          "int8, int4, got 'int3'"):

@@ -11,6 +11,7 @@ from transformers.generation.continuous_batching.cb_logits_processors import (
     ContinuousBatchingTopPLogitsWarper,
 )
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -160,3 +161,43 @@ def test_kept_tokens_equal_transformers_per_row_warpers() -> None:
         theirs, as_int32(top_p))
     assert torch.equal(ours, torch.isfinite(theirs))
     assert ours.sum(-1)[4] == 1 and int(ours.sum(-1)[2]) <= 7
+
+
+@pytest.mark.parametrize("min_p", [0.0, 0.02, 0.3, 0.9, 1.0])
+def test_min_p_keeps_what_transformers_min_p_keeps(min_p: float) -> None:
+    """min_p after temperature, top-k and top-p (transformers' warper order): per row, exactly
+    the tokens transformers' MinPLogitsWarper leaves, and never fewer than the top one."""
+    gen = torch.Generator().manual_seed(11)
+    vocab = 2000
+    scores = torch.randn(4, vocab, generator=gen) * 3
+    temperature = torch.tensor([1.0, 0.6, 1.5, 1.0])
+    top_k = torch.tensor([vocab, 40, vocab, 5])
+    top_p = torch.tensor([0.95, 0.9, 0.7, 1.0])
+    order, _, keep = kept_tokens(scores, temperature, top_k, top_p,
+                                 torch.full((4,), min_p))
+    ours = torch.zeros_like(keep).scatter(1, order, keep)
+    for row in range(4):
+        procs = LogitsProcessorList([TemperatureLogitsWarper(float(temperature[row])),
+                                     TopKLogitsWarper(int(top_k[row])),
+                                     TopPLogitsWarper(float(top_p[row]))])
+        if min_p:
+            procs.append(MinPLogitsWarper(min_p))
+        theirs = procs(None, scores[row : row + 1].clone())
+        assert torch.equal(ours[row : row + 1], torch.isfinite(theirs)), row
+    assert (ours.sum(-1) >= 1).all()
+    if min_p == 1.0:  # only tokens as likely as the top one: here, the top one alone
+        assert (ours.sum(-1) == 1).all()
+
+
+def test_min_p_draws_only_likely_tokens() -> None:
+    """Sampled with min_p, a row never draws a token below min_p x the top probability."""
+    logits = torch.tensor([[3.0, 2.9, 1.0, 0.5, 0.0, -1.0]]).expand(200, -1)
+    probs = torch.softmax(logits[0], -1)
+    allowed = set(torch.nonzero(probs >= 0.5 * probs[0]).flatten().tolist())
+    samplers = [RequestSampling(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.5, seed=s))
+                for s in range(200)]
+    drawn = set(pick(logits.clone(), samplers, [None] * 200).tolist())
+    assert drawn == allowed == {0, 1}
+    plain = [RequestSampling(SamplingParams(temperature=1.0, top_p=1.0, seed=s))
+             for s in range(200)]
+    assert len(set(pick(logits.clone(), plain, [None] * 200).tolist())) > 2  # off: wider

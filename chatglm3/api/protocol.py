@@ -9,12 +9,11 @@ refused in words rather than silently dropped.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
-from ..params import MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
+from ..params import FIELDS, MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
 from ..tokenizer import Message
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
@@ -147,8 +146,6 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
     stream = _field(body, "stream", _boolean, "true or false", False)
     stream_options = _field(body, "stream_options", _object, "an object", {})
     include_usage = _field(stream_options, "include_usage", _boolean, "true or false", False)
-    max_name = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
-                else "max_tokens")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -157,16 +154,7 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
     elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad(f"stop: expected a string or a list of strings, got {_describe(stop)}", "stop")
     seed = _field(body, "seed", _integer, "an integer")
-    values = {name: body.get(name) for name in _SAMPLING_FIELDS}
-    values["max_tokens"] = body.get(max_name)
-    defaults = SamplingParams()
-    for name, value in values.items():
-        if value is None:  # absent or null = the default, as OpenAI takes it
-            values[name] = getattr(defaults, name)
-        elif not _number(value):
-            param = max_name if name == "max_tokens" else name
-            raise bad(f"{param}: expected a number, got {_describe(value)}", param)
-    names = {"max_tokens": max_name, "stop_sequences": "stop"}
+    values, names = _sampling_values(body)
     params = []
     for i in range(n):
         # Choice i with seed s draws from seed s + i (wrapping past MAX_SEED): reproducible,
@@ -174,26 +162,28 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
         ok = seed is not None and 0 <= seed <= MAX_SEED
         choice_seed = (int(seed) + i) % (MAX_SEED + 1) if ok else seed
         try:
-            params.append(SamplingParams(**values, seed=choice_seed, stop=list(stop),
+            params.append(SamplingParams(**values, seed=choice_seed, stop=stop,
                                          logprobs=logprobs))
         except SettingsError as e:
-            raise _renamed(e, names) from None
+            raise bad(e.renamed(names), names.get(e.field, e.field)) from None
     return Options(model, params, stream, include_usage, logprobs)
 
 
-# The numeric sampling fields a body may set, by their SamplingParams names (max_tokens comes
-# from max_completion_tokens or max_tokens).
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                    "min_tokens", "presence_penalty", "frequency_penalty")
-
-
-def _renamed(e: SettingsError, names: dict[str, str]) -> ApiError:
-    """SamplingParams' message with the API's field names; `param` is the first bad field."""
-    message = str(e)
-    for ours, theirs in names.items():
-        message = re.sub(rf"\b{ours}\b", theirs, message)
-    first = re.match(r"(\w+)", message)
-    return bad(message, first.group(1) if first else None)
+def _sampling_values(body: dict) -> tuple[dict[str, Any], dict[str, str]]:
+    """The numeric sampling settings a body sets (params.FIELDS with API names; absent or null
+    = the default, as OpenAI takes it), and the API name each was read under."""
+    values: dict[str, Any] = {}
+    names = {"stop_sequences": "stop"}
+    for f in FIELDS:
+        for name in f.api_names:
+            value = body.get(name)
+            if value is None:
+                continue
+            if not _number(value):
+                raise bad(f"{name}: expected a number, got {_describe(value)}", name)
+            values[f.name], names[f.name] = value, name
+            break
+    return values, names
 
 
 _REFUSED = {

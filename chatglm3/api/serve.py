@@ -51,8 +51,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def say(text: str) -> None:
+    """A status line on stderr (stdout is left to the caller)."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .. import cli
+    from ..settings import Settings
+    from ..startup import start_engine
 
     key = args.api_key if args.api_key is not None else os.environ.get("CHATGLM3_API_KEY") or None
     if args.max_waiting < 0:
@@ -63,9 +69,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          "in an HTTP header)")
     sock = listen(args.host, args.port)  # a taken port fails before the model loads
     if args.host not in ("127.0.0.1", "localhost", "::1") and key is None:
-        cli.say(f"warning: listening on {args.host} without an API key: anyone who can reach "
+        say(f"warning: listening on {args.host} without an API key: anyone who can reach "
                 "this port can use the model (set --api-key or CHATGLM3_API_KEY)")
-    engine = cli.load_engine(args)
+    engine = start_engine(args.weights, Settings.from_args(args, os.environ), say=say,
+                          progress=True).engine
     import uvicorn
 
     from .app import ServerConfig, create_app
@@ -77,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))
-    cli.say(f"serving on http://{shown}:{port} (model {args.model_name}"
+    say(f"serving on http://{shown}:{port} (model {args.model_name}"
             f"{', API key required' if key else ''}"
             f"{'' if args.no_web else f'; chat page at http://{shown}:{port}/'})")
     try:

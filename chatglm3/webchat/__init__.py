@@ -41,14 +41,14 @@ HEADERS = {
 }
 
 
+# The sampling settings the page has controls for (app.js builds one per name).
+PAGE_CONTROLS = ("temperature", "top_p", "max_tokens")
+
+
 def page_settings() -> dict[str, dict[str, float | int]]:
-    """Default, minimum and maximum of each sampling control, the same the API validates against."""
-    return {
-        "temperature": {"default": params.DEFAULT_TEMPERATURE, "min": 0,
-                        "max": params.MAX_TEMPERATURE},
-        "top_p": {"default": params.DEFAULT_TOP_P, "min": 0, "max": 1},
-        "max_tokens": {"default": params.DEFAULT_MAX_TOKENS, "min": 1, "max": params.CONTEXT},
-    }
+    """Default, minimum and maximum of each control: params.FIELDS, what the API validates."""
+    return {name: {"default": f.default, "min": f.low, "max": f.high}
+            for name in PAGE_CONTROLS for f in [params.BY_NAME[name]]}
 
 
 def asset_bytes(name: str) -> bytes:
