@@ -286,6 +286,9 @@ def test_errors_raise_the_sdks_exceptions(server, client) -> None:
         chat(client, CONVERSATION[:3])
     status, _, body = server.request("GET", "/v1/nothing")
     assert status == 404 and "no such route" in body["error"]["message"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health"):
+        assert path in body["error"]["message"]  # each one listed answers
+        assert server.request("GET" if "completions" not in path else "POST", path)[0] != 404
     assert server.alive()
 
 

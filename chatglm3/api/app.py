@@ -60,16 +60,18 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
     ]
-    page = getattr(webchat, "routes", None)  # issue 22's page, where it is built
-    if config.web and page is not None:
-        routes += page(config.model_name, config.api_key is not None)
+    api_paths = [r.path for r in routes if "{" not in r.path]  # what a 404 lists
+    if config.web:
+        routes += webchat.routes(config.model_name, config.api_key is not None)
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
+    app.state.api_paths = api_paths
+    return app
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -85,10 +87,10 @@ async def _http_error(request: Request, e: Exception) -> JSONResponse:
     if status == 405:
         return error_response(ApiError(405, f"{request.method} is not allowed on "
                                             f"{request.url.path}", code="method_not_allowed"))
+    paths = ", ".join(request.app.state.api_paths)
     return error_response(ApiError(
         status, f"no such route: {request.method} {request.url.path} (this server has "
-                "/v1/chat/completions, /v1/completions, /v1/models, /health)",
-        code="not_found"))
+                f"{paths})", code="not_found"))
 
 
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
