@@ -124,8 +124,8 @@ class Engine:
         self.max_batch = min(max_batch, limit)
         self.runner.allocate(self.max_batch, scratch)
         kv = self.runner.kv
-        self.rows = RowAllocator(limit, lambda: kv.capacity, lambda: kv.rows, prefix_cache)
-        self.rows.scratch = scratch
+        self.rows = RowAllocator(limit, lambda: kv.capacity, lambda: kv.rows, prefix_cache,
+                                 scratch=scratch)
         self.scheduler = Scheduler(self.rows, self.max_batch, PREFILL_CHUNK, prefill_budget)
         self.output = OutputProcessor(tokenizer)
         self.steps = Steps(self.scheduler, self.rows, self.runner, self.output)

@@ -11,6 +11,7 @@ runs. Only the engine's worker thread calls it.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -69,6 +70,21 @@ class _Prefill:
     def __init__(self, prompt: list[int], device: torch.device, config) -> None:
         self.prompt_ids = torch.tensor(prompt, device=device)[None]
         self.cache = DynamicCache(config=config)
+
+
+class StepOutput(NamedTuple):
+    """A decoding step's result: the next token of each running request (running[i] ->
+    tokens[i]), and their log-probabilities (None when no request asks for them)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None] | None
+
+
+class FirstToken(NamedTuple):
+    """A prompt's last prefill chunk's result: its first token (and its log-probabilities)."""
+
+    token: int
+    logprob: TokenLogprob | None
 
 
 class ModelRunner:
@@ -134,7 +150,7 @@ class ModelRunner:
     # ---- prefill ----
 
     def prefill(self, chunk: PrefillChunk, reuse: tuple[int, int] = (-1, 0)
-                ) -> tuple[int, TokenLogprob | None] | None:
+                ) -> FirstToken | None:
         """Runs one chunk of a request's prompt; at its last chunk, returns the first token
         picked from the prompt's logits (and its log-probabilities, if the request asks for
         them). `reuse` (row, n): on the first chunk, start from positions [0, n) of that
@@ -152,7 +168,7 @@ class ModelRunner:
             return None
         token = pick(logits, [r.sampling], [t.prompt_ids])
         logprobs = token_logprobs(logits, token, [r.sampling])
-        return token.item(), logprobs[0] if logprobs else None
+        return FirstToken(token.item(), logprobs[0] if logprobs else None)
 
     def prefill_chunk(self, chunk: torch.Tensor, cache: DynamicCache, begin: int) -> torch.Tensor:
         """Runs prompt tokens `chunk` [1, n] at positions begin.. into `cache`, padded to a
@@ -199,8 +215,7 @@ class ModelRunner:
 
     # ---- decoding ----
 
-    def decode(self, running: list[Request]
-               ) -> tuple[list[int], list[TokenLogprob | None] | None]:
+    def decode(self, running: list[Request]) -> StepOutput:
         """One decoding step of the running requests (running[i] in row i): their next tokens,
         also written into the id history, and their log-probabilities (None when no request
         asks for them)."""
@@ -231,7 +246,8 @@ class ModelRunner:
                        else None for i, r in enumerate(running)])
         # The batch's new tokens into the id history: one device op, whatever the batch.
         history[self._row_index[:batch], positions + 1] = picked
-        return picked.tolist(), token_logprobs(logits, picked, [r.sampling for r in running])
+        return StepOutput(picked.tolist(),
+                          token_logprobs(logits, picked, [r.sampling for r in running]))
 
     def apply(self, moves: list[Move]) -> None:
         """Carries out the row allocator's moves, in order."""

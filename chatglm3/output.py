@@ -122,7 +122,6 @@ class OutputProcessor:
         finished with it (its stream then closed)."""
         s: OutputStream = r.output
         result = s.result
-        r.kv_len = r.length  # the step that chose `token` ran every position up to here
         s.last_token_at = time.perf_counter()
         if not result.output_ids and not result.time_to_first_token:
             s.first_token_at = s.last_token_at

@@ -48,19 +48,24 @@ class Move:
     history: int = 0
 
 
+_PAST_LIMIT = object()  # RowAllocator's default scratch row
+
+
 class RowAllocator:
     """Rows of one KV cache. `limit`: rows it may hand out (a planned cache's rows less the
     scratch row; max_batch of a growing one); `existing`: how many rows the tensors have now
     (a growing cache has fewer than `limit` at first; rows past it are created by the runner
-    when a Move or a store names them)."""
+    when a Move or a store names them). `scratch`: where fixed-shape steps' padding rows write
+    (None: they need none); by default the row past `limit` when entries are kept."""
 
     def __init__(self, limit: int, capacity: Callable[[], int], existing: Callable[[], int],
-                 prefix_cache: bool) -> None:
+                 prefix_cache: bool, scratch: int | None | object = _PAST_LIMIT) -> None:
         self.limit = limit
         self.running: list[RowHolder] = []
         self.prefix = PrefixCache() if prefix_cache else None
         self._capacity, self._existing = capacity, existing
-        self.scratch = limit if prefix_cache else None
+        self.scratch: int | None = ((limit if prefix_cache else None) if scratch is _PAST_LIMIT
+                                    else scratch)  # type: ignore[assignment]
 
     # ---- running rows ----
 
@@ -88,6 +93,12 @@ class RowAllocator:
         if keep:
             self._insert(src, gone.ids(), keep)
         return moves
+
+    def unadmit(self, r: RowHolder) -> None:
+        """Takes back r's admission, which failed before its row was filled (so r was the
+        last one admitted): no row moves, nothing kept."""
+        assert self.running and self.running[-1] is r, "only the last admission goes back"
+        self.running.pop()
 
     def clear_running(self) -> None:
         self.running.clear()

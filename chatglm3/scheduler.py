@@ -148,6 +148,22 @@ class Scheduler:
 
     def prefilled(self, chunk: PrefillChunk) -> None:
         chunk.request.prefilled = chunk.end
+        if chunk.last:
+            chunk.request.kv_len = chunk.request.length  # every prompt position is written
+
+    def stepped(self) -> None:
+        """A decoding step ran: every running request's keys/values are written up to its
+        length (before its new token is taken)."""
+        for r in self.running:
+            r.kv_len = r.length
+
+    def abandon(self, r: Request) -> None:
+        """r failed or ended on the way in (prefilling, or being admitted): out of its row."""
+        if r is self.prefilling:
+            self.end_prefill(r, admit=False)
+        elif r in self.running:  # failed while being admitted: it was added last
+            self.rows.unadmit(r)
+            r.status = Status.FINISHED
 
     def end_prefill(self, r: Request, admit: bool) -> tuple[int, list[Move]]:
         """r's prefill is over: it gets a row (`admit`: its row and the moves that clear it)

@@ -45,7 +45,7 @@ class Steps:
             sched.prefilled(chunk)
             if first is None:
                 return
-            if self.output.take(r, *first):
+            if self.output.take(r, first.token, first.logprob):
                 # Done at its first token (max_tokens 1, a stop token): still worth keeping.
                 self._end_prefill(r, None)
                 return
@@ -76,10 +76,7 @@ class Steps:
 
     def _abandon(self, r: Request) -> None:
         r.tensors = None
-        if r is self.scheduler.prefilling:
-            self.scheduler.end_prefill(r, admit=False)
-        elif r in self.scheduler.running:  # failed while being admitted: it was added last
-            self.scheduler.running.remove(r)
+        self.scheduler.abandon(r)
 
     def decode(self) -> None:
         """One decoding step of every running request; an error fails them all (they share
@@ -92,11 +89,12 @@ class Steps:
                 r.output.finish("cancelled")
             if not sched.running:
                 return
-            tokens, logprobs = self.runner.decode(sched.running)
+            out = self.runner.decode(sched.running)
+            sched.stepped()
             self.decode_steps += 1
-            self.decoded_tokens += len(tokens)
-            for i, token in reversed(list(enumerate(tokens))):
-                if self.output.take(sched.running[i], token, logprobs and logprobs[i]):
+            self.decoded_tokens += len(out.tokens)
+            for i, token in reversed(list(enumerate(out.tokens))):
+                if self.output.take(sched.running[i], token, out.logprobs and out.logprobs[i]):
                     self.runner.apply(sched.finished(i))
             return
         except torch.OutOfMemoryError:
