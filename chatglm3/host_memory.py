@@ -8,8 +8,8 @@ import ctypes
 def release_freed_memory() -> None:
     """Hands freed heap memory back to the system. Quantizing frees each layer's unquantized
     copy right after packing it; with glibc, copies under its mmap threshold (up to 32 MB)
-    stay in the heap, fragmented, and a quarter-width 8-layer int4 load ended at 3.1x its
-    weights' RSS without this, 1.1x with it (tests/test_quantize.py): malloc_trim. Under
+    stay in the heap, fragmented, and the load's memory ends well above its weights'
+    (docs/benchmarks.md; tests/test_quantize.py bounds it): malloc_trim. Under
     TCMalloc (scripts/run preloads it where installed) its own call does the same. A no-op
     with neither."""
     try:

@@ -38,17 +38,15 @@ def _prefill_buckets(smallest: int = 16, largest: int = PREFILL_CHUNK) -> tuple[
 
 # A chunk is padded up to one of these lengths. Why: without it every distinct prompt length
 # is a new input shape, and torch's bf16 CPU matmul (oneDNN) keeps state for each new shape (and
-# spends time creating it): 400 predictions of distinct lengths took a bf16 CPU server from
-# 843 MB to 1.8 GB, flat in fp32 and flat when lengths repeat (bench/soak.py measures it; ~0.7
-# MB per new row count per weight shape). With buckets the linear layers (where that state
-# lives) see at most these 15 row counts in prefill, whatever the prompts (and 1..max_batch in
-# decoding). Attention's key length for a chunk is its begin + its padded length: chunks begin
-# where the prefix cache left off (a multiple of prefix_cache.ALIGN) plus whole chunks (the
-# scheduler's PREFILL_CHUNK, or its smaller token budget while requests decode), so key
-# lengths are multiples of 8 up to the context; SDPA keeps no per-shape state (bf16 CPU, 1,200
-# chunks at distinct key lengths: RSS within +-30 MB, no trend). Cost: at most 50% more work
-# on the last chunk, and in fp32 the real positions' results move by rounding (~1e-6
-# relative): SDPA's CPU kernel blocks the work by query length.
+# spends time creating it), so a server's memory grows with every new prompt length
+# (bench/soak.py measures it; docs/benchmarks.md, "Prefill buckets"). With buckets the linear
+# layers (where that state lives) see at most these 15 row counts in prefill, whatever the
+# prompts (and 1..max_batch in decoding). Attention's key length for a chunk is its begin + its
+# padded length: chunks begin where the prefix cache left off (a multiple of
+# prefix_cache.ALIGN) plus whole chunks (the scheduler's PREFILL_CHUNK, or its smaller token
+# budget while requests decode), so key lengths are multiples of 8 up to the context; SDPA
+# keeps no per-shape state. Cost: at most 50% more work on the last chunk, and in fp32 the real
+# positions' results move by rounding (SDPA's CPU kernel blocks the work by query length).
 PREFILL_BUCKETS = _prefill_buckets()
 
 

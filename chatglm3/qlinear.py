@@ -4,16 +4,14 @@ dtype. quantize.py builds them at load; this module holds how they multiply.
 Two ways to multiply, chosen per call by the number of activation rows (`widen_above`):
 - few rows (decoding: a batch of streams), in bf16: aten's weight-only kernels,
   `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`, which read the small weights once
-  per 4 rows, so their cost grows with the rows: on a 27,392 x 4,096 layer (Intel Xeon with
-  AMX, 2 cores, bf16, bench/quantize.py kernels) int8 takes 3.8 ms at 1 row (bf16: 9.3), 12 at
-  8, 188 at 128, 772 at 512.
+  per 4 rows, so their cost grows with the rows.
 - many rows (prefill chunks), and every call in fp32 or fp16 (where those kernels are slow at
   any size): the weights are widened to the compute dtype a block of output rows at a time
   (`DEQUANT_BLOCK_ELEMENTS` weights, a few MB that stay in cache, never the whole layer) and
-  multiplied by the compute dtype's own matmul (oneDNN; AMX on this CPU): int8 56 ms at 128
-  rows and 92 at 512 (bf16 26 and 58). In bf16 only where the CPU multiplies it natively: on
-  the AVX2 EPYC this project measured before, the int8 kernel was 3.7x faster than bf16 at
-  prefill.
+  multiplied by the compute dtype's own matmul (oneDNN). In bf16 only where the CPU multiplies
+  it natively; elsewhere the kernel serves every call.
+The crossovers (`kernel_max_rows`) and the timings behind them: docs/benchmarks.md,
+"Quantized layers".
 
 The int4 weights stay in aten's packed layout (what its kernel reads); `unpack_int4_t` reads
 that layout back, which differs by CPU (blocks of 64 output rows on AVX-512, 32 elsewhere), and
@@ -87,10 +85,8 @@ class _QuantLinear(torch.nn.Module):
     @classmethod
     def widen_above(cls, dtype: torch.dtype) -> int | None:
         """Rows above which a call in `dtype` widens the weights (None: never). The kernels
-        are fast only in bf16 (in fp32 and fp16 an int8 kernel took 4.4x as long as the
-        widened path at one row, 100x at 128 rows); in bf16 they win for few rows, the
-        widened path for more only where the CPU multiplies bf16 natively (on the AVX2 EPYC
-        this project measured before, the int8 kernel was 3.7x faster than bf16 at prefill)."""
+        are fast only in bf16; there they win for few rows, and the widened path for more
+        only where the CPU multiplies bf16 natively (docs/benchmarks.md, "Quantized layers")."""
         if dtype != torch.bfloat16:
             return 0
         return cls.kernel_max_rows if native_bf16_matmul() else None
@@ -103,7 +99,7 @@ class Int8Linear(_QuantLinear):
     """A linear layer with an int8 weight [out, in] and one scale per output channel."""
 
     kind = "int8"
-    kernel_max_rows = 32  # int8 kernel 46 ms at 32 rows, widened 47; 93 against 50 at 64
+    kernel_max_rows = 32  # the measured crossover (docs/benchmarks.md, "Quantized layers")
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.nn.Parameter | None) -> None:
@@ -183,7 +179,7 @@ class Int4Linear(_QuantLinear):
     qdata) and a bf16/fp16/fp32 scale and zero per group of `group_size` inputs."""
 
     kind = "int4"
-    kernel_max_rows = 64  # int4 kernel 83 ms at 64 rows, widened 79; 165 against 88 at 128
+    kernel_max_rows = 64  # the measured crossover (docs/benchmarks.md, "Quantized layers")
 
     def __init__(self, qdata: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int,
                  out_features: int, in_features: int, bias: torch.nn.Parameter | None) -> None:
@@ -215,7 +211,7 @@ class Int4Linear(_QuantLinear):
         w = unpack_int4_t(self.qdata.reshape(-1)[begin * k // 2 : end * k // 2], rows, k,
                           buf.view(k, rows))
         sz = self.scale_and_zero[:, begin:end]  # [in / g, rows, 2]: small, but interleaved
-        # contiguous copies: broadcasting the interleaved ones took 5x as long (6.6 vs 1.2 ms)
+        # contiguous copies: broadcasting the interleaved ones was 5x slower (docs/benchmarks.md)
         scale, zero = (sz[..., i].to(buf.dtype).contiguous() for i in (0, 1))
         grouped = w.view(k // g, g, rows)
         grouped.mul_(scale[:, None]).add_(zero[:, None])  # (q - 8) * scale + zero

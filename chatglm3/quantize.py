@@ -5,7 +5,7 @@ symmetric int8) and "int4" (asymmetric int4 in groups of `INT4_GROUP_SIZE` along
 dimension). Activations stay in the compute dtype; only the weights shrink, so a decoding step,
 which reads every weight once, reads 1/2 (int8) or ~1/4 (int4) of the bytes.
 
-What runs, measured on this project's 2-core CPUs (bench/quantize.py; torch 2.13, torchao 0.18):
+What runs (the measurements behind each choice: docs/benchmarks.md, "Quantized layers"):
 - int4, CPU: torchao's int4 CPU quantization (what its `PrototypeInt4WeightOnlyConfig` makes,
   `Int4OpaqueTensor`, packed in row blocks: `int4_cpu_weight`), run by `qlinear.Int4Linear`:
   aten's `_weight_int4pack_mm_for_cpu` for a few rows, the weights widened block by block for
@@ -15,22 +15,18 @@ What runs, measured on this project's 2-core CPUs (bench/quantize.py; torch 2.13
   linear is aten's tinygemm `_weight_int4pack_mm` (bfloat16 activations only, compute
   capability 8.0 or newer: so int4 on CUDA computes in bfloat16).
 - int8, CPU: `qlinear.Int8Linear`: aten's `_weight_int8pack_mm` for a few rows, widened
-  blocks for many (as int4). Why not torchao's
-  `Int8WeightOnlyConfig`: in 0.18 its only version (2; version 1, which dispatched to this
-  aten op, was removed) converts the whole int8 weight to the activation dtype on every call
-  and then runs a bf16 matmul: measured 9.7x slower than bf16 at batch 1 on a 27392x4096
-  layer (123 ms vs 12.7 ms), while `_weight_int8pack_mm` takes 8.9 ms (AVX2 EPYC; on the AMX
-  Xeon 91.5 ms against bf16's 8.7 and the kernel's 3.4).
+  blocks for many (as int4). Not torchao's `Int8WeightOnlyConfig`: in 0.18 its only version
+  (2; version 1, which dispatched to this aten op, was removed) converts the whole int8 weight
+  to the activation dtype on every call and then runs a bf16 matmul, several times slower
+  than bf16 itself at batch 1.
 - int8, CUDA: torchao's `Int8WeightOnlyConfig` (the same convert-then-matmul; on a GPU without
   torch.compile it is expected to save memory, not time; not measured: no GPU here, and
   whether aten's `_weight_int8pack_mm` has a fast CUDA kernel could not be checked). Offered
   because it is what fits a 16 GB card that cannot run int4's tinygemm (no bfloat16: T4).
 
 What is quantized: every linear layer of attention (q, k, v, o) and the MLP (gate_up, down),
-and the output layer (lm_head) in int8 in both modes: at batch 1 it is 4.5% of a 6B step's
-bytes (0.5 GB); measured (bench/quantize.py parts, README), int8 adds no measurable error to
-the last-token logits and takes a third of bf16's time, while int4 adds error and runs slower
-than int8 on the CPU for 0.12 GB less. The embedding stays in the compute dtype: a lookup
+and the output layer (lm_head) in int8 in both modes: a visible share of a batch-1 step's bytes,
+where int8 adds no measurable error and int4 adds error without being faster. The embedding stays in the compute dtype: a lookup
 reads one row per token (no speed to win); int8 rows would save 0.25 GB (measured harmless,
 not done: torchao's int8 embedding dequantizes the whole table per call).
 
@@ -55,11 +51,8 @@ from .qlinear import Int4Linear, Int8Linear
 
 MODES = ("none", "int8", "int4")
 # int4 group size: 128 divides every input width of the model (4096, 13696; the tiny test
-# checkpoint's 256 and 512). Measured (bench/quantize.py kernels): on the AVX2 EPYC 64 is as
-# fast with twice the scale/zero bytes, 32 up to 25% slower; on the AMX Xeon all three run
-# within 5% of each other at every row count; on the golden checkpoint (2,000
-# tokens, fp32) the last-token logits moved 0.175 / 0.158 / 0.143 (relative L2) at 128 / 64 /
-# 32: smaller groups buy little against random weights' rounding (~10% per layer either way).
+# checkpoint's 256 and 512); smaller groups cost bytes and speed and buy little accuracy
+# (docs/benchmarks.md, "Quantized layers").
 INT4_GROUP_SIZE = 128
 
 log = logging.getLogger(__name__)

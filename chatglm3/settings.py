@@ -4,7 +4,7 @@ here alone: `Settings.from_env`), its command-line flag (`add_arguments`), its c
 and parser; predict.py, the CLI and `Engine.from_pretrained(**settings.engine_kwargs())` all
 go through it. No torch import: the CLI builds its parser and checks its flags before loading.
 
-A new load-time choice (issue 23's quantization, say) is one more `Option` and one more field.
+A new load-time choice is one more `Option` and one more field.
 """
 
 from __future__ import annotations
