@@ -11,9 +11,10 @@ import json
 import mmap
 import re
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from transformers import GlmConfig, GlmForCausalLM
@@ -199,10 +200,43 @@ def load_model(
     model_dir: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
     progress: bool = False, quantize: str = "none",
 ) -> GlmForCausalLM:
-    """Builds the model empty, then fills it one shard at a time on `device` in `dtype`.
+    """Builds the model empty, then fills it one shard at a time on `device` in `dtype`, on a
+    thread of its own (`_in_passing_thread` says why).
     `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
     `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
     soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
+    return _in_passing_thread(  # type: ignore[return-value]
+        lambda: _load_model(model_dir, device, dtype, progress, quantize))
+
+
+def _in_passing_thread(fn: Callable[[], object]) -> object:
+    """fn() on a thread of its own that ends with it; its result or its exception.
+
+    Why: OpenMP (libgomp, torch's CPU threads) keeps a team of helper threads for every thread
+    that ran a parallel region, for as long as that thread lives. A load on the caller's thread
+    (the main one) left its team beside the one the engine's worker thread makes: more OpenMP
+    threads than CPUs, so libgomp stops spinning at barriers (its "throttled" spin) and every
+    helper sleeps and is woken at each of the ~1,500 parallel regions of a decoding step:
+    slower decoding steps, the helper idle ~10% of each (docs/benchmarks.md). A thread that ends takes its team with it. A daemon thread, so a
+    Ctrl-C in the waiting caller ends the program without waiting for the load."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="chatglm3-load", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]
+
+
+def _load_model(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype,
+                progress: bool, quantize: str) -> GlmForCausalLM:
     model_dir = Path(model_dir)
     device = torch.device(device)
     quantizer = Quantizer(quantize, device)

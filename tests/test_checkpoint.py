@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from chatglm3.checkpoint import CheckpointError, glm_config, load_model
-from conftest import GOLDEN, TINY_CKPT, convert_to_safetensors
+from conftest import GOLDEN, ROOT, TINY_CKPT, convert_to_safetensors
 
 pytestmark = pytest.mark.shared
 
@@ -151,3 +154,31 @@ def test_a_copied_tensors_file_pages_are_handed_back(tmp_path: Path) -> None:
     _drop_file_pages(mapped)
     assert rss_file() - before < 4 * 2**20
     assert float(mapped.sum()) == total
+
+
+_THREADS_AFTER_LOAD = """
+import os, sys, torch
+torch.set_num_threads(2)
+from chatglm3 import checkpoint
+before = len(os.listdir("/proc/self/task"))
+load = checkpoint.load_model if sys.argv[2] == "load_model" else (
+    lambda *a: checkpoint._load_model(*a, False, "none"))
+load(sys.argv[1], "cpu", torch.float32)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_loading_leaves_no_openmp_team_behind() -> None:
+    """load_model runs on a thread that ends with it, so the caller keeps no OpenMP helper
+    threads: a second team beside the engine worker's makes libgomp sleep at every barrier
+    of a decoding step. Loading on the caller's own thread (the control) leaves one."""
+    def extra_threads(how: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_LOAD, str(TINY_CKPT), how],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "2"})
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert extra_threads("in_caller") >= 1  # the control: its team stays
+    assert extra_threads("load_model") == 0
