@@ -11,10 +11,9 @@ import json
 import mmap
 import re
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from transformers import GlmConfig, GlmForCausalLM
@@ -23,6 +22,7 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from .attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
 from .errors import SetupError
+from .openmp import in_passing_thread
 from .packed_linear import pack_linears
 from .quantize import Quantizer
 from .tokenizer import STOP_IDS
@@ -201,38 +201,12 @@ def load_model(
     progress: bool = False, quantize: str = "none",
 ) -> GlmForCausalLM:
     """Builds the model empty, then fills it one shard at a time on `device` in `dtype`, on a
-    thread of its own (`_in_passing_thread` says why).
+    thread of its own (openmp.in_passing_thread says why).
     `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
     `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
     soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
-    return _in_passing_thread(  # type: ignore[return-value]
+    return in_passing_thread(  # type: ignore[return-value]
         lambda: _load_model(model_dir, device, dtype, progress, quantize))
-
-
-def _in_passing_thread(fn: Callable[[], object]) -> object:
-    """fn() on a thread of its own that ends with it; its result or its exception.
-
-    Why: OpenMP (libgomp, torch's CPU threads) keeps a team of helper threads for every thread
-    that ran a parallel region, for as long as that thread lives. A load on the caller's thread
-    (the main one) left its team beside the one the engine's worker thread makes: more OpenMP
-    threads than CPUs, so libgomp stops spinning at barriers (its "throttled" spin) and every
-    helper sleeps and is woken at each of the ~1,500 parallel regions of a decoding step:
-    slower decoding steps, the helper idle ~10% of each (docs/benchmarks.md). A thread that ends takes its team with it. A daemon thread, so a
-    Ctrl-C in the waiting caller ends the program without waiting for the load."""
-    box: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="chatglm3-load", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]
 
 
 def _load_model(model_dir: str | Path, device: torch.device | str, dtype: torch.dtype,

@@ -23,6 +23,7 @@ from .checkpoint import load_model
 from .devices import resolve_device, resolve_dtype
 from .errors import OutOfMemory, PromptTooLong, RequestTooLarge
 from .kv_rows import KVPlan
+from .openmp import in_passing_thread
 from .model_runner import (DECODE_STEPS, PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner,
                            prefill_bucket)
 from .output import Generation, GenerationResult, OutputProcessor, OutputStream
@@ -122,7 +123,8 @@ class Engine:
                 limit -= 1
             scratch = limit
         self.max_batch = min(max_batch, limit)
-        self.runner.allocate(self.max_batch, scratch)
+        # Off the caller's thread: its zero-filled tensors would give it an OpenMP team.
+        in_passing_thread(lambda: self.runner.allocate(self.max_batch, scratch))
         kv = self.runner.kv
         self.rows = RowAllocator(limit, lambda: kv.capacity, lambda: kv.rows, prefix_cache,
                                  scratch=scratch)
