@@ -22,6 +22,7 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from .attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
 from .errors import SetupError
+from .host_memory import one_malloc_arena
 from .openmp import in_passing_thread
 from .packed_linear import pack_linears
 from .quantize import Quantizer
@@ -205,6 +206,7 @@ def load_model(
     `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
     `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
     soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
+    one_malloc_arena()  # the loading thread's frees are then given back like the caller's
     return in_passing_thread(  # type: ignore[return-value]
         lambda: _load_model(model_dir, device, dtype, progress, quantize))
 
