@@ -49,8 +49,8 @@ class Predictor(BaseRunner):
         started = start_engine(weights or None, settings, say=_say, progress=True,
                                knob="COG_WEIGHTS")
         self.engine = started.engine
-        print(f"ready: {started.weights} on {started.device} ({self.engine.dtype}), batch {settings.max_batch}; "
-              f"device check {started.check_s:.1f}s, weights (fetch + verify) "
+        print(f"ready: {started.weights} on {started.device} ({self.engine.dtype}), "
+              f"batch {settings.max_batch}; device check {started.check_s:.1f}s, weights (fetch + verify) "
               f"{started.fetch_s:.1f}s, load {started.load_s:.1f}s, warm-up "
               f"{started.warm_s:.2f}s, total {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -94,7 +94,8 @@ class Predictor(BaseRunner):
     ) -> ConcatenateIterator[str]:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                    top_k=top_k, min_p=min_p,
+                                    repetition_penalty=repetition_penalty, seed=seed,
                                     min_tokens=min_tokens, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty,
                                     stop=parse_stop_sequences(stop_sequences))

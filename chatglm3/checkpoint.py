@@ -22,7 +22,7 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from .attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
 from .errors import SetupError
-from .host_memory import one_malloc_arena
+from .host_memory import process_library
 from .openmp import in_passing_thread
 from .packed_linear import pack_linears
 from .quantize import Quantizer
@@ -164,17 +164,7 @@ def _drop_file_pages(tensor: torch.Tensor) -> None:
     page = mmap.PAGESIZE
     lo, hi = -(-begin // page) * page, (begin + size) // page * page  # whole pages inside it
     if hi > lo:
-        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
-
-
-_LIBC: ctypes.CDLL | None = None
+        process_library().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 def _shards_with_progress(paths: list[Path], progress: bool) -> Iterator[Path]:
@@ -206,7 +196,6 @@ def load_model(
     `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
     `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
     soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
-    one_malloc_arena()  # the loading thread's frees are then given back like the caller's
     return in_passing_thread(  # type: ignore[return-value]
         lambda: _load_model(model_dir, device, dtype, progress, quantize))
 

@@ -10,7 +10,6 @@ import numpy as np
 from .errors import HistoryError, check_text
 from .tokenizer import ROLES, Message
 
-
 MESSAGE_KEYS = {"role", "content", "metadata", "tools"}
 
 # A valid history is a list of objects or pairs (depth 2); only a system message's `tools` can

@@ -1,4 +1,4 @@
-"""Keeping torch's CPU work to one OpenMP team (a leaf: imports nothing of ours).
+"""Keeping torch's CPU work to one OpenMP team.
 
 OpenMP (libgomp, torch's CPU threads) keeps a team of helper threads for every thread that ran
 a parallel region, for as long as that thread lives. Once a process has more OpenMP threads
@@ -6,7 +6,8 @@ than CPUs, libgomp stops spinning at barriers (its "throttled" spin): every help
 is woken again at each of the ~1,500 parallel regions of a decoding step, idle ~10% of it
 (docs/benchmarks.md, "One OpenMP team"). The engine's worker thread runs the model; work that
 would otherwise run on the caller's thread before it (loading, allocating the KV cache) runs
-on a thread that ends with it, taking its team along.
+on a thread that ends with it, taking its team along. That thread allocates from the arenas
+that exist (host_memory.one_malloc_arena), so what it frees is given back like the caller's.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from .host_memory import one_malloc_arena
+
 
 def in_passing_thread(fn: Callable[[], object]) -> object:
     """fn() on a thread of its own that ends with it; its result or its exception.
 
     A daemon thread, so a Ctrl-C in the waiting caller ends the program without waiting."""
     box: dict[str, object] = {}
+    one_malloc_arena()
 
     def run() -> None:
         try:

@@ -46,7 +46,7 @@ MAX_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class Field:
-    """One numeric sampling setting. `low`/`high`: inclusive bounds (None: unbounded);
+    """One numeric sampling setting. `low`/`high`: inclusive bounds (`high` None: unbounded);
     `note`: what its special values mean, shown after the range in errors and --help;
     `api`: the names an OpenAI body sets it by, the first one present wins (() = the API
     reads it its own way); `cli`: whether the CLI has a flag for it; `optional`: None is
@@ -55,7 +55,7 @@ class Field:
     name: str
     kind: type  # int or float
     default: int | float | None
-    low: int | float | None
+    low: int | float
     high: int | float | None
     help: str
     note: str = ""
@@ -76,10 +76,8 @@ class Field:
     def limit(self) -> str:
         """The accepted values in words: 'an integer from 1 to 32768 (...)'."""
         g = _number_text
-        if self.low is not None and self.high is not None:
-            span = f"from {g(self.low)} to {g(self.high)}"
-        else:
-            span = f">= {g(self.low)}" if self.low is not None else f"<= {g(self.high)}"
+        span = (f"from {g(self.low)} to {g(self.high)}" if self.high is not None
+                else f">= {g(self.low)}")
         text = f"an integer {span}" if self.kind is int else span
         return f"{text} ({self.note})" if self.note else text
 

@@ -25,9 +25,9 @@ What runs (the measurements behind each choice: docs/benchmarks.md, "Quantized l
   because it is what fits a 16 GB card that cannot run int4's tinygemm (no bfloat16: T4).
 
 What is quantized: every linear layer of attention (q, k, v, o) and the MLP (gate_up, down),
-and the output layer (lm_head) in int8 in both modes: a visible share of a batch-1 step's bytes,
-where int8 adds no measurable error and int4 adds error without being faster. The embedding stays in the compute dtype: a lookup
-reads one row per token (no speed to win); int8 rows would save 0.25 GB (measured harmless,
+and the output layer (lm_head) in int8 in both modes: a visible share of a batch-1 step's
+bytes, where int8 adds no measurable error and int4 adds error without being faster. The
+embedding stays in the compute dtype: a lookup reads one row per token (no speed to win); int8 rows would save 0.25 GB (measured harmless,
 not done: torchao's int8 embedding dequantizes the whole table per call).
 
 Quantizing at load (checkpoint.load_model calls `Quantizer.apply` for each weight as it

@@ -41,10 +41,6 @@ class Started:
     load_s: float
     warm_s: float  # warm-up and the first request
 
-    @property
-    def total_s(self) -> float:
-        return self.check_s + self.fetch_s + self.load_s + self.warm_s
-
 
 def start_engine(weights: str | Path | None, settings: Settings, say: Callable[[str], None],
                  progress: bool = False, knob: str = "--weights") -> Started:
