@@ -44,9 +44,13 @@ def _mask(*args, device: torch.device | str = "cpu", mask_function: Callable = c
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-              scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+              scaling: float | None = None, packed=None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [b, heads, q, d], key/value [b, kv_heads, k, d] with the queries at the last q
-    key positions; returns [b, q, heads, d] as transformers' attention functions do."""
+    key positions; returns [b, q, heads, d] as transformers' attention functions do.
+    `packed` (a packed_step.PackedStep, passed to the model as a keyword): several requests in
+    one sequence, each attended to on its own (key, value and mask are then its to give)."""
+    if packed is not None:
+        return packed.attend(module, query, scaling, attention), None
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is not None or q_len >= k_len or query.device.type != "cpu" or dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask,

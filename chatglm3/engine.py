@@ -128,7 +128,8 @@ class Engine:
         kv = self.runner.kv
         self.rows = RowAllocator(limit, lambda: kv.capacity, lambda: kv.rows, prefix_cache,
                                  scratch=scratch)
-        self.scheduler = Scheduler(self.rows, self.max_batch, PREFILL_CHUNK, prefill_budget)
+        self.scheduler = Scheduler(self.rows, self.max_batch, PREFILL_CHUNK, prefill_budget,
+                                   pack=self.runner.packs)
         self.output = OutputProcessor(tokenizer)
         self.steps = Steps(self.scheduler, self.rows, self.runner, self.output)
         self._incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
@@ -351,10 +352,7 @@ class Engine:
                         self._jobs.popleft()
                     self._run_job(*job)
                     continue
-                if plan.prefill is not None:
-                    self.steps.prefill(plan.prefill)
-                if sched.running:
-                    self.steps.decode()
+                self.steps.run(plan)
                 if not sched.has_work() and not self.rows.holds_entries():
                     self.runner.idle()
         for r in sched.drain():

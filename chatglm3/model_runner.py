@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from .decode_graphs import FixedShapeDecoder, decode_logits
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .host_memory import release_freed_memory
+from .packed_step import PackedStep, Segment
 from .rows import Move
 from .sampling import TokenLogprob, pick, token_logprobs
 from .scheduler import PrefillChunk, Request
@@ -85,6 +86,14 @@ class FirstToken(NamedTuple):
     logprob: TokenLogprob | None
 
 
+class PackedOutput(NamedTuple):
+    """A packed step's result: per chunk its first token (None where the prompt goes on), and
+    the decoding step's output (None when no request was running)."""
+
+    firsts: list[FirstToken | None]
+    decoded: StepOutput | None
+
+
 class ModelRunner:
     """Runs the model. `rows_wanted`: the most KV rows a planned cache may take (running rows,
     prefix cache entries, the scratch row); `kv_budget_bytes`: its size (else planned from
@@ -147,24 +156,29 @@ class ModelRunner:
 
     # ---- prefill ----
 
-    def prefill(self, chunk: PrefillChunk, reuse: tuple[int, int] = (-1, 0)
-                ) -> FirstToken | None:
-        """Runs one chunk of a request's prompt; at its last chunk, returns the first token
-        picked from the prompt's logits (and its log-probabilities, if the request asks for
-        them). `reuse` (row, n): on the first chunk, start from positions [0, n) of that
-        prefix cache row."""
-        r = chunk.request
+    def begin(self, r: Request) -> None:
+        """r's prefill tensors, at its first chunk: its prompt on the device and its own
+        cache, holding the prefix cache entry's positions it reuses (r.reuse: (row, n))."""
         if r.tensors is None:
             r.tensors = _Prefill(r.prompt, self.device, self.model.config)
-            row, n = reuse
+            row, n = r.reuse
             if n:
                 self.kv.load_prefix(row, n, r.tensors.cache)
+
+    def prefill(self, chunk: PrefillChunk) -> FirstToken | None:
+        """Runs one chunk of a request's prompt; at its last chunk, returns the first token
+        picked from the prompt's logits (and its log-probabilities, if the request asks for
+        them)."""
+        r = chunk.request
+        self.begin(r)
         t: _Prefill = r.tensors
         logits = self.prefill_chunk(t.prompt_ids[:, chunk.begin : chunk.end], t.cache,
                                     chunk.begin)
-        if not chunk.last:
-            return None
-        token = pick(logits, [r.sampling], [t.prompt_ids])
+        return self._first(r, logits) if chunk.last else None
+
+    def _first(self, r: Request, logits: torch.Tensor) -> FirstToken:
+        """The first token from a prompt's last logits [1, vocab]."""
+        token = pick(logits, [r.sampling], [r.tensors.prompt_ids])
         logprobs = token_logprobs(logits, token, [r.sampling])
         return FirstToken(token.item(), logprobs[0] if logprobs else None)
 
@@ -190,6 +204,68 @@ class ModelRunner:
             # (a positive one, the old "keep this many", raises).
             cache.crop(real - padded)
         return out.logits[:, -1]
+
+    # ---- packed steps ----
+
+    @property
+    def packs(self) -> bool:
+        """Whether prompt chunks of several requests and the decoding rows may share a forward
+        pass (`packed`): on a CPU, whose decoding steps run eagerly. A GPU keeps one prefill
+        at a time beside decoding steps replayed as CUDA graphs (packed_step says why)."""
+        return self.device.type == "cpu" and self.fixed is None
+
+    def packed(self, chunks: list[PrefillChunk], running: list[Request]) -> PackedOutput:
+        """One forward pass of `chunks` (of different requests) and a decoding step of
+        `running` (running[i] in row i; may be empty): each chunk's first token if it ends
+        its prompt (else None), and the decoding step's output (None without one)."""
+        segments, ids, positions, lasts, at = [], [], [], [], 0
+        for c in chunks:
+            self.begin(c.request)
+            n = c.end - c.begin
+            ids.append(c.request.tensors.prompt_ids[0, c.begin : c.end])
+            positions.append(torch.arange(c.begin, c.end, device=self.device))
+            segments.append(Segment(c.request.tensors.cache, at, n))
+            lasts.append(at + n - 1 if c.last else None)
+            at += n
+        batch = len(running)
+        # Padded to a PREFILL_BUCKETS length as a lone chunk is: after the last chunk's real
+        # tokens, into its cache (cropped below). Past PREFILL_CHUNK: a rare shape of its own.
+        padded = at + batch if at + batch > PREFILL_CHUNK else prefill_bucket(at + batch)
+        pad = padded - at - batch
+        if pad:
+            segments[-1].length += pad
+            end = chunks[-1].end
+            ids.append(torch.full((pad,), self.pad_id, device=self.device))
+            positions.append(torch.arange(end, end + pad, device=self.device).clamp_(
+                max=self.context - 1))
+        step_positions = None
+        if batch:
+            step = torch.tensor([[r.last_token for r in running],
+                                 [r.length - 1 for r in running]], device=self.device)
+            step_positions = step[1]
+            furthest = max(r.length for r in running)
+            self.kv.reserve(batch, furthest)
+            mask = self.kv.prepare_step(step_positions, read_len=furthest)
+            ids.append(step[0])
+            positions.append(step_positions)
+        else:  # for transformers' mask builder (it returns a 4-D mask as it is); unused
+            mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        step_cache = PackedStep(segments, self.kv if batch else None, batch, mask)
+        keep = [i for i in lasts if i is not None] + list(range(padded - batch, padded))
+        out = self.model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None],
+                         attention_mask=mask, cache=step_cache, use_cache=True,
+                         logits_to_keep=torch.tensor(keep, device=self.device),
+                         packed=step_cache)
+        if pad:
+            segments[-1].cache.crop(-pad)
+        logits = out.logits[0]
+        firsts: list[FirstToken | None] = []
+        j = 0  # the next kept row of logits: the ending chunks', in order, then the batch's
+        for c, last in zip(chunks, lasts):
+            firsts.append(None if last is None else self._first(c.request, logits[j : j + 1]))
+            j += last is not None
+        decoded = self._decoded(running, logits[j:], step_positions) if batch else None
+        return PackedOutput(firsts, decoded)
 
     def admit(self, r: Request, row: int, moves: list[Move]) -> None:
         """Puts a prefilled request (its first token taken) into `row`, after `moves`."""
@@ -238,6 +314,13 @@ class ModelRunner:
                 self.fixed = None
         if logits is None:
             logits = decode_logits(self.model, self.kv, tokens, positions, furthest)
+        return self._decoded(running, logits, positions)
+
+    def _decoded(self, running: list[Request], logits: torch.Tensor,
+                 positions: torch.Tensor) -> StepOutput:
+        """The running requests' next tokens from their logits [batch, vocab] (fed in at
+        `positions`), written into the id history too."""
+        batch = len(running)
         history = self.history[:batch]
         picked = pick(logits, [r.sampling for r in running],
                       [history[i : i + 1, : r.length] if r.sampling.needs_history

@@ -6,11 +6,16 @@ has the model runner carry it out, and hands the sampled tokens' outcome back (`
 Rules:
 - First in, first out: a waiting request starts once a row is free (every row holds a whole
   request's worst case, so no request could start sooner by overtaking, and none is passed over).
-- One request prefills at a time, one chunk per step, beside the running requests' decoding
-  step. With requests decoding, a chunk is at most `prefill_budget` tokens (vLLM's chunked-
-  prefill token budget): a running stream then waits at most one such chunk for its next token,
-  not a whole PREFILL_CHUNK (README: "Scheduling" has the measurement). Alone, a prompt runs in
-  chunks of `prefill_chunk`.
+- Each step prefills at most `prefill_budget` prompt tokens while requests decode (vLLM's
+  chunked-prefill token budget): a running stream then waits at most one such chunk for its
+  next token, not a whole PREFILL_CHUNK (README: "Scheduling" has the measurement). With none
+  decoding, a step takes up to `prefill_chunk`.
+- `pack` (the model runner can run several prompts' chunks and the decoding rows in one forward
+  pass: model_runner.ModelRunner.packs): the budget counts the decoding tokens too (a pass of
+  512 is then 512 rows, a PREFILL_BUCKETS length: no padding), the rest goes to the prefilling
+  requests in arrival order, and waiting requests start while it lasts and a row is left for
+  each, so requests that arrive together prefill together. Without it one request prefills
+  at a time, and the budget is its chunk's.
 - A cancelled request leaves at its next step: waiting, prefilling or running.
 
 Why not transformers' own continuous batching (`model.init_continuous_batching()`, checked in
@@ -94,22 +99,24 @@ class PrefillChunk:
 
 @dataclass
 class StepPlan:
-    """What one step does: requests that left while waiting, one prefill chunk (or None), and
-    then a decoding step of `scheduler.running` (after `cancelled_running` leave)."""
+    """What one step does: requests that left while waiting, the prefill chunks (each of a
+    different request, in arrival order; at most one without `pack`), and a decoding step of
+    `scheduler.running` (after the cancelled running requests leave)."""
 
     cancelled: list[Request] = field(default_factory=list)
-    prefill: PrefillChunk | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, rows: RowAllocator, max_batch: int, prefill_chunk: int,
-                 prefill_budget: int | None = None) -> None:
+                 prefill_budget: int | None = None, pack: bool = False) -> None:
         self.rows = rows
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.prefill_budget = min(prefill_budget or prefill_chunk, prefill_chunk)
+        self.pack = pack
         self.waiting: deque[Request] = deque()
-        self.prefilling: Request | None = None
+        self.prefilling: list[Request] = []  # in arrival order
 
     @property
     def running(self) -> list[Request]:
@@ -121,7 +128,7 @@ class Scheduler:
 
     def busy(self) -> bool:
         """Whether a request is prefilling or running (jobs wait for an idle engine)."""
-        return self.prefilling is not None or bool(self.running)
+        return bool(self.prefilling) or bool(self.running)
 
     def has_work(self) -> bool:
         return bool(self.waiting) or self.busy()
@@ -134,17 +141,29 @@ class Scheduler:
             self.waiting.remove(r)
             r.status = Status.FINISHED
             plan.cancelled.append(r)
-        if (start and self.prefilling is None and self.waiting
-                and len(self.running) < self.max_batch):
-            self.prefilling = self.waiting.popleft()
-            self.prefilling.status = Status.PREFILLING
-            self.prefilling.reuse = self.rows.lookup(self.prefilling.prompt)
-            self.prefilling.prefilled = self.prefilling.reuse[1]
-        r = self.prefilling
-        if r is not None:
-            size = self.prefill_budget if self.running else self.prefill_chunk
-            plan.prefill = PrefillChunk(r, r.prefilled, min(r.prefilled + size, len(r.prompt)))
+        left = self.prefill_budget if self.running else self.prefill_chunk
+        if self.pack and self.running:  # the decoding tokens share the pass, and its budget
+            left = max(1, left - len(self.running))
+        for r in self.prefilling:
+            if left == 0 or (plan.prefills and not self.pack):
+                break
+            left -= self._chunk(plan, r, left)
+        while (start and self.waiting and left > 0 and (self.pack or not self.prefilling)
+               and len(self.running) + len(self.prefilling) < self.max_batch):
+            r = self.waiting.popleft()
+            r.status = Status.PREFILLING
+            r.reuse = self.rows.lookup(r.prompt)
+            r.prefilled = r.reuse[1]
+            self.prefilling.append(r)
+            left -= self._chunk(plan, r, left)
         return plan
+
+    @staticmethod
+    def _chunk(plan: StepPlan, r: Request, most: int) -> int:
+        """Plans r's next chunk of at most `most` tokens; returns its size."""
+        end = min(r.prefilled + most, len(r.prompt))
+        plan.prefills.append(PrefillChunk(r, r.prefilled, end))
+        return end - r.prefilled
 
     def prefilled(self, chunk: PrefillChunk) -> None:
         chunk.request.prefilled = chunk.end
@@ -159,7 +178,7 @@ class Scheduler:
 
     def abandon(self, r: Request) -> None:
         """r failed or ended on the way in (prefilling, or being admitted): out of its row."""
-        if r is self.prefilling:
+        if r in self.prefilling:
             self.end_prefill(r, admit=False)
         elif r in self.running:  # failed while being admitted: it was added last
             self.rows.unadmit(r)
@@ -168,8 +187,7 @@ class Scheduler:
     def end_prefill(self, r: Request, admit: bool) -> tuple[int, list[Move]]:
         """r's prefill is over: it gets a row (`admit`: its row and the moves that clear it)
         or it finished (first token a stop, max_tokens 1, cancelled, failed): (-1, [])."""
-        assert r is self.prefilling
-        self.prefilling = None
+        self.prefilling.remove(r)
         if not admit:
             r.status = Status.FINISHED
             return -1, []
@@ -200,11 +218,9 @@ class Scheduler:
 
     def drain(self) -> list[Request]:
         """Everything not finished (closing): waiting, prefilling and running."""
-        out = self.fail_running() + list(self.waiting)
-        if self.prefilling is not None:
-            out.append(self.prefilling)
+        out = self.fail_running() + list(self.waiting) + self.prefilling
         self.waiting.clear()
-        self.prefilling = None
+        self.prefilling = []
         for r in out:
             r.status = Status.FINISHED
         return out

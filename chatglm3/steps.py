@@ -1,8 +1,9 @@
-"""One step's work on the engine's worker thread: a prefill chunk, or a decoding step of every
-running request; the scheduler (scheduler.py) says which, the model runner (model_runner.py)
-runs it, the output processor (output.py) takes its tokens, and the row allocator (rows.py)
-keeps what finished requests leave. A failure fails the requests of that step alone: the
-engine serves on (out of memory: what they held is given back first).
+"""One step's work on the engine's worker thread: prefill chunks and a decoding step of every
+running request, in one packed forward pass where the model runner packs (a CPU), else a
+prefill chunk's pass and then a decoding pass; the scheduler (scheduler.py) says what runs, the
+model runner (model_runner.py) runs it, the output processor (output.py) takes its tokens, and
+the row allocator (rows.py) keeps what finished requests leave. A failure fails the requests of
+that pass alone: the engine serves on (out of memory: what they held is given back first).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import logging
 import torch
 
 from .errors import OutOfMemory
-from .model_runner import ModelRunner
+from .model_runner import FirstToken, ModelRunner, StepOutput
 from .output import OutputProcessor
 from .rows import RowAllocator
-from .scheduler import PrefillChunk, Request, Scheduler
+from .scheduler import PrefillChunk, Request, Scheduler, StepPlan
 
 log = logging.getLogger("chatglm3.engine")
 
@@ -29,6 +30,72 @@ class Steps:
         self.decode_steps = 0  # decoding steps run since the start
         self.decoded_tokens = 0  # tokens they made: / decode_steps = the mean batch
 
+    def run(self, plan: StepPlan) -> None:
+        """The plan's prefill chunks and a decoding step of the running requests: one packed
+        pass when the runner packs and there is more than one thing to run, else a pass each."""
+        if plan.prefills and self.scheduler.pack and (len(plan.prefills) > 1
+                                                      or self.scheduler.running):
+            self.packed(plan.prefills)
+            return
+        for chunk in plan.prefills:
+            self.prefill(chunk)
+        if self.scheduler.running:
+            self.decode()
+
+    def packed(self, chunks: list[PrefillChunk]) -> None:
+        """Chunks and a decoding step in one pass; an error fails every request in it."""
+        sched = self.scheduler
+        live = [c for c in chunks if not c.request.cancelled.is_set()]
+        dropped = [c for c in chunks if c not in live]
+        try:
+            # Prefix cache entries are copied out before anything may evict one (ending a
+            # cancelled request stores its own entry).
+            for c in live:
+                self._begin(c.request)
+            for c in dropped:
+                self._end_prefill(c.request, "cancelled")
+            gone, moves = sched.release_cancelled()
+            self.runner.apply(moves)
+            for r in gone:
+                r.output.finish("cancelled")
+            if not live:
+                if sched.running:
+                    self.decode()
+                return
+            out = self.runner.packed(live, sched.running)
+        except torch.OutOfMemoryError:
+            log.warning("out of memory in a packed step", exc_info=True)
+        except Exception as e:  # noqa: BLE001 - reported to its requests, serving goes on
+            self.rows.drop_entries()  # it may have failed halfway through moving an entry
+            self._retry_without(live, e)
+            return
+        else:
+            if out.decoded is not None:
+                self._decoded(out.decoded)
+            for c, first in zip(live, out.firsts):
+                self._prefilled(c, first)
+            return
+        # Out of memory, handled out here: inside the except block the error's traceback
+        # still holds the forward pass's tensors.
+        for c in live:
+            self._abandon(c.request)
+        n = sum(len(c.request.prompt) for c in live)
+        error = OutOfMemory(self._out_of_memory(
+            f"prefill of a {n:,}-token prompt" if len(live) == 1
+            else f"prefill of {len(live)} prompts ({n:,} tokens)"))
+        self._retry_without(live, error)
+
+    def _retry_without(self, chunks: list[PrefillChunk], error: Exception) -> None:
+        """A packed pass failed: its prompts' requests fail with `error`, and the running
+        requests' decoding step runs again on its own (the pass took no token of theirs; the
+        keys/values it wrote are written again at the same positions), so a prompt that is
+        too large fails alone, as it would in a pass of its own."""
+        for c in chunks:
+            self._abandon(c.request)
+            c.request.output.finish("error", error)
+        if self.scheduler.running:
+            self.decode()
+
     def prefill(self, chunk: PrefillChunk) -> None:
         """One prefill chunk; at the prompt's end the first token, then a row (or the end).
         An error fails this request alone; serving goes on."""
@@ -37,20 +104,8 @@ class Steps:
             if r.cancelled.is_set():
                 self._end_prefill(r, "cancelled")
                 return
-            if r.tensors is None and r.reuse[1]:
-                r.output.result.cached_input_token_count = r.reuse[1]
-                log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
-                          len(r.prompt), r.reuse[0])
-            first = self.runner.prefill(chunk, r.reuse)
-            sched.prefilled(chunk)
-            if first is None:
-                return
-            if self.output.take(r, first.token, first.logprob):
-                # Done at its first token (max_tokens 1, a stop token): still worth keeping.
-                self._end_prefill(r, None)
-                return
-            row, moves = sched.end_prefill(r, admit=True)
-            self.runner.admit(r, row, moves)
+            self._begin(r)
+            self._prefilled(chunk, self.runner.prefill(chunk))
             return
         except torch.OutOfMemoryError:
             log.warning("out of memory in a prefill chunk", exc_info=True)
@@ -64,6 +119,27 @@ class Steps:
         self._abandon(r)
         error = self._out_of_memory(f"prefill of a {len(r.prompt):,}-token prompt")
         r.output.finish("error", OutOfMemory(error))
+
+    def _begin(self, r: Request) -> None:
+        """r's prefill tensors at its first chunk, with the prefix cache positions it reuses."""
+        if r.tensors is None and r.reuse[1]:
+            r.output.result.cached_input_token_count = r.reuse[1]
+            log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
+                      len(r.prompt), r.reuse[0])
+        self.runner.begin(r)
+
+    def _prefilled(self, chunk: PrefillChunk, first: FirstToken | None) -> None:
+        """A chunk ran: at the prompt's end its first token, then a row (or the end)."""
+        r = chunk.request
+        self.scheduler.prefilled(chunk)
+        if first is None:
+            return
+        if self.output.take(r, first.token, first.logprob):
+            # Done at its first token (max_tokens 1, a stop token): still worth keeping.
+            self._end_prefill(r, None)
+            return
+        row, moves = self.scheduler.end_prefill(r, admit=True)
+        self.runner.admit(r, row, moves)
 
     def _end_prefill(self, r: Request, reason: str | None) -> None:
         """r ends before it gets a row: its prefill cache becomes a prefix cache entry."""
@@ -89,13 +165,7 @@ class Steps:
                 r.output.finish("cancelled")
             if not sched.running:
                 return
-            out = self.runner.decode(sched.running)
-            sched.stepped()
-            self.decode_steps += 1
-            self.decoded_tokens += len(out.tokens)
-            for i, token in reversed(list(enumerate(out.tokens))):
-                if self.output.take(sched.running[i], token, out.logprobs and out.logprobs[i]):
-                    self.runner.apply(sched.finished(i))
+            self._decoded(self.runner.decode(sched.running))
             return
         except torch.OutOfMemoryError:
             log.warning("out of memory in a decoding step", exc_info=True)
@@ -109,6 +179,17 @@ class Steps:
         error = self._out_of_memory(f"a decoding step of {n} request{'s' if n != 1 else ''}")
         for r in failed:
             r.output.finish("error", OutOfMemory(error))
+
+    def _decoded(self, out: StepOutput) -> None:
+        """A decoding step's tokens to their requests (running[i] -> out.tokens[i]); the
+        finished ones leave their rows."""
+        sched = self.scheduler
+        sched.stepped()
+        self.decode_steps += 1
+        self.decoded_tokens += len(out.tokens)
+        for i, token in reversed(list(enumerate(out.tokens))):
+            if self.output.take(sched.running[i], token, out.logprobs and out.logprobs[i]):
+                self.runner.apply(sched.finished(i))
 
     def _out_of_memory(self, during: str) -> str:
         """Frees what the failed requests held (they have let go of it); returns the message

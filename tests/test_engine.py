@@ -327,8 +327,8 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
                 sched.add(other.prepare(ids, SamplingParams(max_tokens=10, **GREEDY)))
                 first = None
                 while first is None:
-                    chunk = sched.schedule().prefill
-                    first = runner.prefill(chunk, chunk.request.reuse)
+                    [chunk] = sched.schedule().prefills
+                    first = runner.prefill(chunk)
                     sched.prefilled(chunk)
                 assert not output.take(chunk.request, *first)
                 runner.admit(chunk.request, *sched.end_prefill(chunk.request, admit=True))
@@ -343,10 +343,12 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
 
 
 def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_tokenizer) -> None:
-    """While a request decodes, a 2,000-token prompt prefills 512 tokens a step (a running
-    stream then waits a quarter as long); alone it runs whole chunks; either way its tokens
-    are those of whole-chunk scheduling."""
+    """While a request decodes, a 2,000-token prompt prefills in passes of 512 tokens, the
+    decoding token among them (a running stream then waits a quarter as long); alone it runs
+    whole chunks; either way its tokens are those of whole-chunk scheduling."""
     from transformers import DynamicCache
+
+    from chatglm3.packed_step import PackedStep
 
     rng = random.Random(4)
     long = [rng.randrange(100, 60000) for _ in range(2000)]
@@ -354,15 +356,22 @@ def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_
     outputs = {}
     for budget in (512, 2048):
         engine = Engine(tiny_model_fp32, no_stop_tokenizer, prefill_budget=budget)
-        chunks: list[int] = []
-        hook = engine.model.register_forward_pre_hook(
-            lambda _m, _a, kw: chunks.append(kw["input_ids"].shape[1])
-            if isinstance(kw.get("cache"), DynamicCache) else None, with_kwargs=True)
+        assert engine.scheduler.pack  # a CPU: chunks and decoding tokens share passes
+        passes: list[tuple[int, int]] = []  # (tokens, of them decoding) of each prefill pass
+
+        def seen(_m, _a, kw) -> None:
+            cache = kw.get("cache")
+            if isinstance(cache, DynamicCache):
+                passes.append((kw["input_ids"].shape[1], 0))
+            elif isinstance(cache, PackedStep):
+                passes.append((kw["input_ids"].shape[1], cache.batch))
+
+        hook = engine.model.register_forward_pre_hook(seen, with_kwargs=True)
         try:
             alone = engine.generate_ids(long, SamplingParams(max_tokens=2, **GREEDY))
             alone.text()
-            assert chunks == [2048]  # alone: one whole chunk (2,000 tokens, padded)
-            chunks.clear()
+            assert passes == [(2048, 0)]  # alone: one whole chunk (2,000 tokens, padded)
+            passes.clear()
             running = engine.generate_ids(short, SamplingParams(max_tokens=30000, **GREEDY))
             it = iter(running)
             next(it)  # it decodes now, for as long as the test needs
@@ -370,8 +379,9 @@ def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_
             beside.text()
             running.cancel()
             list(it)
-            assert chunks[0] == 24  # the short prompt, padded
-            assert chunks[1:] == ([2048] if budget == 2048 else [512] * 4)
+            assert passes[0] == (24, 0)  # the short prompt alone, padded
+            # beside the decoding request: 511 + 1 tokens a pass (the last one padded)
+            assert passes[1:] == ([(2048, 1)] if budget == 2048 else [(512, 1)] * 4)
             outputs[budget] = (alone.result.output_ids, beside.result.output_ids)
         finally:
             hook.remove()

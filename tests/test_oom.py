@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from chatglm3.engine import Engine, OutOfMemory
 from chatglm3.kv_rows import KVRows
+from chatglm3.packed_step import PackedStep
 from chatglm3.params import SamplingParams
 
 pytestmark = pytest.mark.slow  # long prompts
@@ -36,7 +37,9 @@ class FailOnce:
 
 
 def is_prefill(kwargs: dict) -> bool:
-    return isinstance(kwargs.get("cache"), DynamicCache)
+    """A pass with prompt tokens: a lone chunk, or chunks packed with decoding tokens."""
+    cache = kwargs.get("cache")
+    return isinstance(cache, DynamicCache) or isinstance(cache, PackedStep) and bool(cache.segments)
 
 
 def official(engine: Engine, prompt: dict, n: int = 24) -> None:

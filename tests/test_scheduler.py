@@ -17,9 +17,9 @@ def prefill_all(s: Scheduler) -> list[tuple[int, int, int]]:
     seen = []
     while s.waiting or s.prefilling:
         plan = s.schedule()
-        if plan.prefill is None:
+        if not plan.prefills:
             break
-        c = plan.prefill
+        [c] = plan.prefills  # one at a time without packing
         seen.append((c.request.prompt[0], c.begin, c.end))
         s.prefilled(c)
         if c.last:
@@ -36,7 +36,7 @@ def test_first_in_first_out_and_the_batch_bound() -> None:
     steps = prefill_all(s)
     assert steps == [(0, 0, 100), (0, 100, 150), (1, 0, 100), (1, 100, 150)]
     assert s.running == reqs[:2] and reqs[2].status is Status.WAITING  # no row for it
-    assert s.schedule().prefill is None
+    assert s.schedule().prefills == []
     s.finished(0)
     assert reqs[0].status is Status.FINISHED and s.running == [reqs[1]]
     assert prefill_all(s) == [(2, 0, 100), (2, 100, 150)]
@@ -57,24 +57,25 @@ def test_cancelled_requests_leave_at_the_next_step() -> None:
     for r in (a, b, c):
         s.add(r)
     plan = s.schedule()
-    assert plan.prefill.request is a and a.status is Status.PREFILLING
+    [chunk] = plan.prefills
+    assert chunk.request is a and a.status is Status.PREFILLING
     b.cancelled.set()
-    s.prefilled(plan.prefill)
+    s.prefilled(chunk)
     s.end_prefill(a, admit=True)
     plan = s.schedule()
     assert plan.cancelled == [b] and b.status is Status.FINISHED and list(s.waiting) == [c]
     a.cancelled.set()
     gone, _ = s.release_cancelled()
     assert gone == [a] and s.running == [] and a.status is Status.FINISHED
-    assert s.schedule().prefill.request is c
+    assert [c.request for c in s.schedule().prefills] == [c]
 
 
 def test_no_start_while_a_job_waits_and_drain() -> None:
     s = make()
     r = Request([1] * 10)
     s.add(r)
-    assert s.schedule(start=False).prefill is None and not s.busy()
-    assert s.schedule().prefill.request is r and s.busy()
+    assert s.schedule(start=False).prefills == [] and not s.busy()
+    assert [c.request for c in s.schedule().prefills] == [r] and s.busy()
     assert s.drain() == [r] and r.status is Status.FINISHED and not s.has_work()
 
 
