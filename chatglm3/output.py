@@ -117,6 +117,11 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.stop_ids = tokenizer.stop_ids
 
+    @staticmethod
+    def reused(r: "Request", n: int) -> None:
+        """r's prefill starts from n prompt positions of the prefix cache (its result says so)."""
+        r.output.result.cached_input_token_count = n
+
     def take(self, r: "Request", token: int, logprob: TokenLogprob | None = None) -> bool:
         """r's next token (with its log-probabilities if r asks for them); True when r has
         finished with it (its stream then closed)."""

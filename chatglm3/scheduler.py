@@ -44,9 +44,12 @@ import enum
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .rows import Move, RowAllocator
+
+if TYPE_CHECKING:  # sampling.py needs torch; this module must not
+    from .sampling import RequestSampling
 
 
 class Status(enum.Enum):
@@ -56,16 +59,30 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+class RequestOutput(Protocol):
+    """A request's way out (output.OutputStream; the output processor's): what the engine's
+    other layers may do with it. (A Protocol: output.py imports this module.)"""
+
+    def finish(self, reason: str, error: BaseException | None = None) -> None: ...
+
+
+class PrefillTensors(Protocol):
+    """A prefilling request's tensors (model_runner._Prefill; the model runner's alone)."""
+
+    prompt_ids: Any  # torch.Tensor [1, prompt]: the prompt on the device
+    cache: Any  # transformers.DynamicCache: its own keys/values until it gets a row
+
+
 class Request:
     """One request's scheduling state. `output` is the output processor's (text, result);
-    `tensors` the model runner's (its prompt on the device, its prefill cache): the scheduler
-    reads neither."""
+    `sampling` and `tensors` the model runner's: the scheduler reads none of them."""
 
-    def __init__(self, prompt: list[int], output: Any = None, sampling: Any = None,
+    def __init__(self, prompt: list[int], output: RequestOutput | None = None,
+                 sampling: RequestSampling | None = None,
                  output_ids: list[int] | None = None) -> None:
         self.prompt = prompt
         self.output = output
-        self.sampling = sampling  # sampling.RequestSampling: the model runner's to use
+        self.sampling = sampling
         self.status = Status.WAITING
         self.cancelled = threading.Event()
         self.prefilled = 0  # prompt positions whose keys/values are computed (or reused)
@@ -73,7 +90,7 @@ class Request:
         self.last_token = prompt[-1]  # the id the next decoding step feeds in
         self.kv_len = 0  # positions whose keys/values are written (set when a token is taken)
         self.output_ids: list[int] = [] if output_ids is None else output_ids
-        self.tensors: Any = None
+        self.tensors: PrefillTensors | None = None
         self.reuse = (-1, 0)  # (row, n): the prefix cache entry its prefill starts from
 
     def ids(self) -> list[int]:

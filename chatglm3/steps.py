@@ -123,7 +123,7 @@ class Steps:
     def _begin(self, r: Request) -> None:
         """r's prefill tensors at its first chunk, with the prefix cache positions it reuses."""
         if r.tensors is None and r.reuse[1]:
-            r.output.result.cached_input_token_count = r.reuse[1]
+            self.output.reused(r, r.reuse[1])
             log.debug("prefix cache: %d of %d prompt positions from row %d", r.reuse[1],
                       len(r.prompt), r.reuse[0])
         self.runner.begin(r)
