@@ -13,6 +13,9 @@ Rows:
 - decoding, 1 stream: (tokens - 1) / (last chunk - first chunk) of one streamed answer, the
   best of --decode-repeats answers per server start.
 - 8 streams x T tokens, aggregate: 8 x T / wall time of 8 concurrent answers (short prompts).
+  Where it goes, two more rows: the seconds until every stream has its first token (how the
+  arrivals' prefills were scheduled) and the median time between two token chunks of a
+  stream once all run (the decoding step at batch 8).
 - peak memory: the largest sum of VmRSS over the server's process group, sampled every 0.2 s.
 
 vLLM runs from its own virtual environment (never this project's requirements): see
@@ -185,9 +188,10 @@ def measure(server: Server, args: argparse.Namespace, rng: random.Random) -> dic
           flush=True)
     prompts = [random_prompt(rng, 32) for _ in range(args.streams)]
     counts = [0] * args.streams
+    arrivals: list[list[float]] = [[] for _ in range(args.streams)]
 
     def one(i: int) -> None:
-        counts[i] = stream(server, prompts[i], args.stream_tokens)[2]
+        _, arrivals[i], counts[i] = stream(server, prompts[i], args.stream_tokens)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(args.streams)]
@@ -199,7 +203,13 @@ def measure(server: Server, args: argparse.Namespace, rng: random.Random) -> dic
     if counts != [args.stream_tokens] * args.streams:
         raise RuntimeError(f"{server.name}: token counts {counts}")
     out["decode_n"] = args.streams * args.stream_tokens / wall
-    print(f"  {server.name}: {args.streams} streams: {out['decode_n']:.2f} tok/s", flush=True)
+    all_in = max(a[0] for a in arrivals)
+    out["all_started"] = all_in - t0
+    gaps = sorted(b - a for times in arrivals for a, b in zip(times, times[1:]) if a > all_in)
+    if gaps:
+        out["step_n"] = gaps[len(gaps) // 2] * 1000
+    print(f"  {server.name}: {args.streams} streams: {out['decode_n']:.2f} tok/s (all started "
+          f"after {out['all_started']:.2f} s)", flush=True)
     return out
 
 
@@ -247,7 +257,9 @@ def machine() -> str:
 
 ROWS = [("start", "start to ready (s)", "lower"), ("peak_rss", "peak memory (GiB)", "lower"),
         ("decode_1", "decoding, 1 stream (tok/s)", "higher"),
-        ("decode_n", "{streams} streams x {stream_tokens} tokens (tok/s)", "higher")]
+        ("decode_n", "{streams} streams x {stream_tokens} tokens (tok/s)", "higher"),
+        ("all_started", "{streams} streams: all started after (s)", "lower"),
+        ("step_n", "{streams} streams: median time between tokens (ms)", "lower")]
 
 
 def table(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
@@ -264,7 +276,8 @@ def table(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
         if not ours or not peer:
             continue
         scale = 2**30 if key == "peak_rss" else 1
-        fmt = (lambda v: f"{v / scale:.2f}") if key != "decode_1" else (lambda v: f"{v:.3f}")
+        fmt = ((lambda v: f"{v:.3f}") if key == "decode_1" else (lambda v: f"{v:.0f}")
+               if key == "step_n" else (lambda v: f"{v / scale:.2f}"))
         per_round = ", ".join(f"{a / b:.2f}" for a, b in zip(ours, peer))
         lines.append(f"| {label.format(**vars(args))} | {fmt(pick(ours))}; "
                      f"{' '.join(fmt(v) for v in ours)} | {fmt(pick(peer))}; "
