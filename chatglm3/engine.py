@@ -63,6 +63,8 @@ class EngineStats:
     prefix_entries: int
     decode_steps: int  # decoding steps run since the start
     decoded_tokens: int  # tokens those steps made: / decode_steps = the mean batch
+    prefilling: int = 0  # requests whose prompts run (not counted in `running`)
+    kv_used: int = 0  # KV positions the running requests hold
 
 
 class Engine:
@@ -201,7 +203,9 @@ class Engine:
                            len(self.scheduler.waiting) + self._pending,
                            len(self.scheduler.running),
                            len(self.rows.prefix) if self.rows.prefix is not None else 0,
-                           self.steps.decode_steps, self.steps.decoded_tokens)
+                           self.steps.decode_steps, self.steps.decoded_tokens,
+                           len(self.scheduler.prefilling),
+                           sum(r.length for r in list(self.scheduler.running)))
 
     def prefix_cache_entries(self) -> list[tuple[int, int]]:
         """The cached entries as (cache row, positions held), least recently used first.

@@ -108,6 +108,12 @@ class ChatGLMTokenizer:
         """Text of the SentencePiece ids; special tokens carry no text and are skipped."""
         return self.sp.decode([i for i in ids if 0 <= i < self.n_pieces])
 
+    def piece(self, token_id: int) -> str:
+        """A token's SentencePiece piece ("▁Hello", "<0xE4>") or special token's name."""
+        if token_id >= self.n_pieces:
+            return SPECIAL_TOKENS[token_id - self.n_pieces]
+        return self.sp.id_to_piece(token_id)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The UTF-8 bytes one token stands for (a byte-fallback piece: its one byte; a piece's
         "\u2581": a space; special tokens: none), as OpenAI's logprobs report them."""

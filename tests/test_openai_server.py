@@ -308,3 +308,106 @@ def test_unknown_fields_are_ignored_and_user_accepted(client) -> None:
     assert answer.choices[0].message.content == chat(client).choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="top_k"):
         chat(client, extra_body={"top_k": -1})
+
+
+def test_tokenize_gives_the_ids_each_route_runs(server, client) -> None:
+    """/tokenize (vLLM's shape): a prompt's ids are those /v1/completions runs (same answer
+    from them as from the text), chat messages' those /v1/chat/completions runs."""
+    from chatglm3.tokenizer import SPECIAL_IDS
+
+    text = "Once upon a time, 从前有座山 😀"
+    status, _, body = server.request("POST", "/tokenize", {"model": MODEL, "prompt": text})
+    assert status == 200, body
+    ids = body["tokens"]
+    assert body["count"] == len(ids) and body["token_strs"] is None
+    assert ids[:2] == [SPECIAL_IDS["[gMASK]"], SPECIAL_IDS["sop"]]
+    by_text = client.completions.create(model=MODEL, prompt=text, **GREEDY)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, **GREEDY)
+    assert by_text.usage.prompt_tokens == len(ids) and by_ids.choices[0].text == \
+        by_text.choices[0].text
+    _, _, bare = server.request("POST", "/tokenize", {"prompt": text, "add_special_tokens": False,
+                                                     "return_token_strs": True})
+    assert bare["tokens"] == ids[2:] and len(bare["token_strs"]) == len(ids) - 2
+    assert "".join(bare["token_strs"]).replace("\u2581", " ").strip().startswith("Once upon")
+    status, _, chat_ids = server.request("POST", "/tokenize", {"messages": CONVERSATION})
+    assert status == 200 and chat_ids["tokens"][-1] == SPECIAL_IDS["<|assistant|>"]
+    assert chat_ids["count"] == chat(client, max_tokens=1).usage.prompt_tokens
+    _, _, open_end = server.request("POST", "/tokenize", {"messages": CONVERSATION,
+                                                          "add_generation_prompt": False})
+    assert open_end["tokens"] == chat_ids["tokens"][:-1]
+    # Counted, not refused, past the context: what one asks a count for.
+    long = "word " * (body["max_model_len"] + 10)
+    status, _, counted = server.request("POST", "/tokenize", {"prompt": long})
+    assert status == 200 and counted["count"] > counted["max_model_len"] == body["max_model_len"]
+
+
+def test_detokenize_round_trip_and_bad_input(server) -> None:
+    text = "Hello, 世界! 😀 tabs\tand\nlines"
+    _, _, body = server.request("POST", "/tokenize", {"prompt": text})
+    status, _, back = server.request("POST", "/detokenize", {"model": MODEL,
+                                                             "tokens": body["tokens"]})
+    assert status == 200 and back == {"prompt": text}
+    for request, param in [({"tokens": [1, -1]}, "tokens"), ({"tokens": [10**9]}, "tokens"),
+                           ({"tokens": "12"}, "tokens"), ({}, "tokens")]:
+        status, _, err = server.request("POST", "/detokenize", request)
+        assert status == 400 and err["error"]["param"] == param, err
+    for request, param in [({}, "prompt"), ({"prompt": "a", "messages": CONVERSATION},
+                                            "messages"), ({"prompt": 5}, "prompt"),
+                           ({"messages": [{"role": "user"}]}, "messages"),
+                           ({"prompt": "a", "return_token_strs": "yes"}, "return_token_strs")]:
+        status, _, err = server.request("POST", "/tokenize", request)
+        assert status == 400 and err["error"]["param"] == param, (request, err)
+    status, _, err = server.request("POST", "/tokenize", {"model": "other", "prompt": "a"})
+    assert status == 404 and err["error"]["param"] == "model"
+    assert server.alive()
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """GET /metrics parsed by prometheus_client's own parser: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, headers, text = server.request("GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain"), text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_follow_the_requests(server, client) -> None:
+    """/metrics (vLLM's names): counters move with what requests did, gauges with what runs."""
+    model = (("model_name", MODEL),)
+    before = scrape(server)
+    answer = client.completions.create(model=MODEL, prompt="Count to ten:", temperature=0,
+                                       max_tokens=7, extra_body={"min_tokens": 7})
+    status, _, _ = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": 5})
+    assert status == 400
+    after = scrape(server)
+
+    def moved(name: str, labels: tuple = model) -> float:
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert moved("vllm:generation_tokens_total") == 7
+    assert moved("vllm:prompt_tokens_total") == answer.usage.prompt_tokens
+    assert moved("vllm:request_success_total", (("finished_reason", "length"),) + model) == 1
+    assert moved("vllm:time_to_first_token_seconds_count") == 1
+    assert moved("vllm:e2e_request_latency_seconds_count") == 1
+    assert moved("vllm:inter_token_latency_seconds_count") == 1
+    assert moved("chatglm3:http_errors_total", model + (("status", "400"),)) == 1
+    assert after[("vllm:num_requests_running", model)] == 0
+    # While a long answer streams, it is counted as running and holds part of the cache.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "a long story"}],
+            "stream": True, "temperature": 0, "max_tokens": 20000, "min_tokens": 20000}
+    conn, resp = open_stream(server.port, body)
+    try:
+        stream = events(resp)
+        next(stream), next(stream)
+        during = scrape(server)
+        assert during[("vllm:num_requests_running", model)] == 1
+        assert 0 < during[("vllm:kv_cache_usage_perc", model)] <= 1
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    server.wait_until(lambda s: s["running"] == 0 and s["in_flight"] == 0)
+    aborted = scrape(server)
+    assert aborted.get(("vllm:request_success_total", (("finished_reason", "abort"),) + model),
+                       0) == before.get(("vllm:request_success_total",
+                                         (("finished_reason", "abort"),) + model), 0) + 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import webchat
@@ -35,6 +36,8 @@ from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
 from .responses import FINISH_REASONS, LogprobWriter, new_id, now, timings, usage
 from .streams import RETRY_AFTER_SECONDS, collect, merged, sse
+from .metrics import Metrics
+from .tokens import parse_detokenize, parse_tokenize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
         Route("/v1/models/{model:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
+        Route("/metrics", api.metrics_text, methods=["GET"]),
     ]
     api_paths = [r.path for r in routes if "{" not in r.path]  # what a 404 lists
     if config.web:
@@ -71,6 +77,7 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.api_paths = api_paths
+    app.state.metrics = api.metrics
     return app
 
 
@@ -79,11 +86,13 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 async def _api_error(request: Request, e: Exception) -> JSONResponse:
+    request.app.state.metrics.http_error(e.status)  # type: ignore[attr-defined]
     return error_response(e)  # type: ignore[arg-type]
 
 
 async def _http_error(request: Request, e: Exception) -> JSONResponse:
     status = getattr(e, "status_code", 404)
+    request.app.state.metrics.http_error(status)
     if status == 405:
         return error_response(ApiError(405, f"{request.method} is not allowed on "
                                             f"{request.url.path}", code="method_not_allowed"))
@@ -95,6 +104,7 @@ async def _http_error(request: Request, e: Exception) -> JSONResponse:
 
 async def _internal_error(request: Request, e: Exception) -> JSONResponse:
     log.error("internal error on %s", request.url.path, exc_info=e)
+    request.app.state.metrics.http_error(500)
     return error_response(ApiError(500, "internal server error (logged on the server)"))
 
 
@@ -109,6 +119,7 @@ class Api:
         self.in_flight = 0  # choices accepted and not ended
         self.finished: Counter[str] = Counter()
         self.recent: deque[dict] = deque(maxlen=64)  # the last ended choices, for /stats
+        self.metrics = Metrics(engine, config.model_name)
 
     # ---- plain routes ----
 
@@ -128,6 +139,11 @@ class Api:
                                                           "error")},
             "recent": recent})
 
+    async def metrics_text(self, request: Request) -> Response:
+        self.authorize(request)
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
+
     def _model_card(self) -> dict:
         return {"id": self.config.model_name, "object": "model", "created": self.created,
                 "owned_by": "chatglm3"}
@@ -144,7 +160,18 @@ class Api:
                                 f"{self.config.model_name!r}", "model", "model_not_found")
         return JSONResponse(self._model_card())
 
-    # ---- checks every generating request passes ----
+    async def tokenize(self, request: Request) -> JSONResponse:
+        req = await self._parsed(request, parse_tokenize)
+        return JSONResponse(await run_in_threadpool(tokenize, self.engine.tokenizer, req,
+                                                    self.engine.context))
+
+    async def detokenize(self, request: Request) -> JSONResponse:
+        tok = self.engine.tokenizer
+        ids = await self._parsed(request, lambda body, served: parse_detokenize(
+            body, served, tok.vocab_size))
+        return JSONResponse({"prompt": await run_in_threadpool(tok.decode, ids)})
+
+    # ---- checks every request with a body passes ----
 
     def authorize(self, request: Request) -> None:
         key = self.config.api_key
@@ -176,7 +203,7 @@ class Api:
         return b"".join(chunks)
 
     async def _parsed(self, request: Request, parse: Callable[[dict, str], object]):
-        """A generating request's body, after the key and the size cap, parsed off the event
+        """A request's body, after the key and the size cap, parsed off the event
         loop by `parse` (protocol.parse_chat or parse_completion)."""
         self.authorize(request)
         raw = await self.read_body(request)
@@ -199,8 +226,9 @@ class Api:
         with self._lock:
             self.in_flight -= count
 
-    def _ended(self, rid: str, index: int) -> Callable[[GenerationResult], None]:
+    def _ended(self, rid: str, index: int, arrived: float) -> Callable[[GenerationResult], None]:
         def done(result: GenerationResult) -> None:  # on the engine's worker thread
+            self.metrics.ended(result, arrived)
             reason = FINISH_REASONS.get(result.stop_reason, result.stop_reason or "cancelled")
             with self._lock:
                 self.in_flight -= 1
@@ -213,7 +241,7 @@ class Api:
                      ) -> list[Generation]:
         """Reserves room in the queue, builds the input ids off the event loop, checks each
         choice and queues them all (or none)."""
-        count = len(params)
+        count, arrived = len(params), time.perf_counter()
         self._reserve(count)
         try:
             requests = await run_in_threadpool(self._prepare, params, inputs)
@@ -223,7 +251,7 @@ class Api:
         gens = []
         for i, r in enumerate(requests):
             gen = self.engine.submit(r)
-            gen.add_done_callback(self._ended(rid, i))
+            gen.add_done_callback(self._ended(rid, i, arrived))
             gens.append(gen)
         return gens
 
