@@ -102,8 +102,9 @@ OPTIONS = (
                 "COG_MAX_CONCURRENCY, which cog build sets from @cog.concurrent)"),
     Option("prefill_budget", ("CHATGLM3_PREFILL_BUDGET",), "--prefill-budget", metavar="N",
            parse=_positive(PREFILL_CHUNK),
-           help=f"prompt tokens per step while other requests decode, 1-{PREFILL_CHUNK} "
-                f"(default {PREFILL_BUDGET}): lower = smoother streams beside long prompts"),
+           help=f"tokens per step while other requests decode (on a CPU their decoding "
+                f"tokens count too), 1-{PREFILL_CHUNK} (default {PREFILL_BUDGET}): lower = "
+                "smoother streams beside long prompts"),
 )
 
 
