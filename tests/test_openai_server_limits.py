@@ -174,3 +174,24 @@ def test_a_public_address_without_a_key_warns(monkeypatch, capsys) -> None:
     assert "without an API key" not in capsys.readouterr().err
     assert cli.main(["serve", "--port", "0", "--api-key", "has space"]) == 1
     assert "--api-key: expected printable ASCII" in capsys.readouterr().err
+
+
+def test_a_64_mb_body_gets_its_413_not_a_reset(server) -> None:
+    """The server reads the rest of an oversized body (dropping it) before answering, so the
+    client, still sending, reads the 413: urllib got a connection reset when the server
+    answered from the Content-Length alone."""
+    import urllib.error
+    import urllib.request
+
+    raw = b'{"model": "' + b"x" * (64 * 2**20) + b'"}'
+    req = urllib.request.Request(server.base_url + "/chat/completions", data=raw,
+                                 headers={"Content-Type": "application/json", **AUTH})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=120)
+    assert e.value.code == 413
+    assert json.loads(e.value.read())["error"]["code"] == "body_too_large"
+    with pytest.raises(openai.APIStatusError, match="over the limit") as e2:
+        sdk(server).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x" * (64 * 2**20)}])
+    assert e2.value.status_code == 413
+    assert server.alive()

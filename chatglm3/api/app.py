@@ -41,6 +41,9 @@ from .tokens import parse_detokenize, parse_tokenize, tokenize
 
 log = logging.getLogger(__name__)
 
+# How much of an oversized body is read (and dropped) so that its client gets to read the 413.
+DRAIN_BYTES = 256 * 2**20
+
 @dataclass(frozen=True)
 class ServerConfig:
     model_name: str = DEFAULT_MODEL_NAME
@@ -187,19 +190,26 @@ class Api:
             raise ApiError(401, "wrong API key", code="invalid_api_key")
 
     async def read_body(self, request: Request) -> bytes:
-        """The body, refused (413) once it passes the cap: before it is all read or parsed."""
+        """The body, refused (413) once it passes the cap, before it is parsed. Past the cap
+        the rest is read and dropped (up to DRAIN_BYTES, no memory kept): a server that answers
+        while the client is still sending closes on it, and the client sees a connection reset
+        instead of the 413 (the openai SDK, curl and urllib all did, with a 64 MB body)."""
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length", "")
         too_big = ApiError(413, f"body: over the limit of {limit:,} bytes (no request that "
                                 "fits the model's context is that large)", code="body_too_large")
-        if length.isdigit() and int(length) > limit:
-            raise too_big
+        declared = int(length) if length.isdigit() else 0
+        if declared > DRAIN_BYTES:
+            raise too_big  # not worth reading: the client may see a reset
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                raise too_big
-            chunks.append(chunk)
+            if size > DRAIN_BYTES:
+                break
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit or declared > limit:
+            raise too_big
         return b"".join(chunks)
 
     async def _parsed(self, request: Request, parse: Callable[[dict, str], object]):
