@@ -26,6 +26,16 @@ def test_each_choice_gets_its_own_seed_wrapping_at_the_limit() -> None:
     assert [p.seed for p in parse_chat({**BASE, "n": 2}, "m").params] == [None, None]
 
 
+def test_any_64_bit_seed_is_taken_and_reproducible() -> None:
+    """OpenAI's seed is any 64-bit integer: mapped into the engine's range, the same each time."""
+    for seed in (-1, -(2**63), 2**63 - 1, MAX_SEED + 5):
+        got = [p.seed for p in parse_chat({**BASE, "n": 2, "seed": seed}, "m").params]
+        assert got == [p.seed for p in parse_chat({**BASE, "n": 2, "seed": seed}, "m").params]
+        assert all(0 <= s <= MAX_SEED for s in got) and got[0] != got[1]
+    assert parse_chat({**BASE, "seed": -1}, "m").params[0].seed == MAX_SEED
+    assert error(parse_chat, {**BASE, "seed": 2**63}, "m").param == "seed"
+
+
 def test_errors_use_the_apis_field_names() -> None:
     e = error(parse_chat, {**BASE, "stop": ["x"] * 17}, "m")
     assert e.param == "stop" and "stop:" in e.message and "stop_sequences" not in e.message

@@ -380,6 +380,8 @@ def test_metrics_follow_the_requests(server, client) -> None:
                                        max_tokens=7, extra_body={"min_tokens": 7})
     status, _, _ = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": 5})
     assert status == 400
+    # A request's end is counted by its done callback, which may run just after its answer left.
+    server.wait_until(lambda s: s["in_flight"] == 0)
     after = scrape(server)
 
     def moved(name: str, labels: tuple = model) -> float:

@@ -109,7 +109,10 @@ def _hostile_bodies() -> list[tuple[str, bytes, int, str]]:
         ("too many stops", body(stop=[str(i) for i in range(17)]), 400, "stop"),
         ("max_tokens a fraction", body(max_tokens=1.5), 400, "max_tokens"),
         ("max_tokens huge", body(max_tokens=10**30), 400, "max_tokens"),
-        ("seed negative", body(seed=-1), 400, "seed"),
+        ("seed past 64 bits", body(seed=2**64), 400, "seed"),
+        ("user a number", body(user=5), 400, "user"),
+        ("a lone developer message", body(messages=[{"role": "developer", "content": "x"}]),
+         400, "got 'developer'"),
         ("NaN temperature", body().replace(b'"max_tokens"', b'"temperature": NaN, "max_tokens"'),
          400, "temperature"),
         ("top_logprobs alone", body(top_logprobs=3), 400, "top_logprobs"),
@@ -195,3 +198,17 @@ def test_a_64_mb_body_gets_its_413_not_a_reset(server) -> None:
             model=MODEL, messages=[{"role": "user", "content": "x" * (64 * 2**20)}])
     assert e2.value.status_code == 413
     assert server.alive()
+
+
+def test_conformance_details(server) -> None:
+    """OpenAI's description: system_fingerprint a string or absent (not null); a 405 says which
+    methods are allowed; token ids past the vocabulary are the prompt's error."""
+    status, _, body = server.request("POST", "/v1/chat/completions", {
+        "model": MODEL, "messages": HELLO, "max_tokens": 2}, headers=AUTH)
+    assert status == 200 and body.get("system_fingerprint", "") is not None
+    status, headers, _ = server.request("DELETE", "/v1/chat/completions", headers=AUTH)
+    assert status == 405 and "POST" in headers["allow"]
+    status, _, body = server.request("POST", "/v1/completions", {
+        "model": MODEL, "prompt": [1, 2, 10**6], "max_tokens": 2}, headers=AUTH)
+    assert status == 400 and body["error"]["param"] == "prompt", body
+    assert "vocabulary" in body["error"]["message"]

@@ -96,9 +96,10 @@ async def _api_error(request: Request, e: Exception) -> JSONResponse:
 async def _http_error(request: Request, e: Exception) -> JSONResponse:
     status = getattr(e, "status_code", 404)
     request.app.state.metrics.http_error(status)
-    if status == 405:
+    if status == 405:  # with starlette's Allow header (the route's methods)
         return error_response(ApiError(405, f"{request.method} is not allowed on "
-                                            f"{request.url.path}", code="method_not_allowed"))
+                                            f"{request.url.path}", code="method_not_allowed",
+                                       headers=getattr(e, "headers", None)))
     paths = ", ".join(request.app.state.api_paths)
     return error_response(ApiError(
         status, f"no such route: {request.method} {request.url.path} (this server has "
@@ -247,14 +248,14 @@ class Api:
                                     "completion_tokens": result.output_token_count})
         return done
 
-    async def _start(self, rid: str, params: Sequence, inputs: Callable[[], list[list[int]]]
-                     ) -> list[Generation]:
+    async def _start(self, rid: str, params: Sequence, inputs: Callable[[], list[list[int]]],
+                     field: str) -> list[Generation]:
         """Reserves room in the queue, builds the input ids off the event loop, checks each
         choice and queues them all (or none)."""
         count, arrived = len(params), time.perf_counter()
         self._reserve(count)
         try:
-            requests = await run_in_threadpool(self._prepare, params, inputs)
+            requests = await run_in_threadpool(self._prepare, params, inputs, field)
         except BaseException:
             self._release(count)
             raise
@@ -265,14 +266,15 @@ class Api:
             gens.append(gen)
         return gens
 
-    def _prepare(self, params: Sequence, inputs: Callable[[], list[list[int]]]
+    def _prepare(self, params: Sequence, inputs: Callable[[], list[list[int]]], field: str
                  ) -> list[EngineRequest]:
+        """The engine's requests; `field`: the request's input field its errors name."""
         try:
             prompts = inputs()
             per = len(params) // len(prompts)
             return [self.engine.prepare(prompts[i // per], p) for i, p in enumerate(params)]
         except PromptTooLong as e:
-            raise bad(str(e), "messages", "context_length_exceeded") from None
+            raise bad(str(e), field, "context_length_exceeded") from None
         except RequestTooLarge as e:
             raise bad(str(e), "max_tokens", "context_length_exceeded") from None
         except ValueError as e:
@@ -283,7 +285,8 @@ class Api:
     async def chat_completions(self, request: Request):
         req: ChatRequest = await self._parsed(request, parse_chat)
         rid = new_id("chatcmpl")
-        gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)])
+        gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)],
+                                 "messages")
         if req.stream:
             return sse(self._chat_chunks(rid, req, gens))
         results = await collect(request, gens)
@@ -296,14 +299,14 @@ class Api:
                 "finish_reason": FINISH_REASONS.get(r.stop_reason)})
         return JSONResponse({"id": rid, "object": "chat.completion", "created": now(),
                              "model": req.model, "choices": choices,
-                             "usage": usage(results), "system_fingerprint": None,
+                             "usage": usage(results),
                              "timings": timings(results)})
 
     async def _chat_chunks(self, rid: str, req: ChatRequest, gens: list[Generation]
                            ) -> AsyncIterator[dict]:
         created, logprobs = now(), req.logprobs is not None
         base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": req.model, "system_fingerprint": None}
+                "model": req.model}
         if req.include_usage:
             base["usage"] = None
 
@@ -330,8 +333,14 @@ class Api:
         req: CompletionRequest = await self._parsed(request, parse_completion)
         rid = new_id("cmpl")
         params = [p for _ in req.prompts for p in req.params]
+        vocab = self.engine.tokenizer.vocab_size
+        for i, p in enumerate(req.prompts):
+            if isinstance(p, list) and max(p) >= vocab:
+                raise bad(f"prompt[{i}]: token id {max(p)} is past the vocabulary (ids are 0 to "
+                          f"{vocab - 1})", "prompt")
         gens = await self._start(rid, params, lambda: [
-            p if isinstance(p, list) else self.engine.encode_plain(p) for p in req.prompts])
+            p if isinstance(p, list) else self.engine.encode_plain(p) for p in req.prompts],
+            "prompt")
         per = len(req.params)
         echoes = [self._echo(req, k // per) for k in range(len(gens))]
         if req.stream:
@@ -347,7 +356,7 @@ class Api:
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(),
                              "model": req.model, "choices": choices,
                              "usage": usage(results, len(req.prompts)),
-                             "system_fingerprint": None, "timings": timings(results)})
+                             "timings": timings(results)})
 
     def _echo(self, req: CompletionRequest, prompt: int) -> str:
         if not req.echo:
@@ -358,8 +367,7 @@ class Api:
     async def _completion_chunks(self, rid: str, req: CompletionRequest,
                                  gens: list[Generation], echoes: list[str]
                                  ) -> AsyncIterator[dict]:
-        base = {"id": rid, "object": "text_completion", "created": now(), "model": req.model,
-                "system_fingerprint": None}
+        base = {"id": rid, "object": "text_completion", "created": now(), "model": req.model}
         offsets = [len(e) for e in echoes]
 
         def chunk(k: int, text: str, entries=None, finish: str | None = None) -> dict:

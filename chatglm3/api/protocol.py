@@ -153,14 +153,17 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
         stop = [stop]
     elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad(f"stop: expected a string or a list of strings, got {_describe(stop)}", "stop")
+    _field(body, "user", _string, "a string")  # an end-user id for OpenAI's abuse checks
     seed = _field(body, "seed", _integer, "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise bad(f"seed: expected a 64-bit integer, got {_describe(seed)}", "seed")
     values, names = _sampling_values(body)
     params = []
     for i in range(n):
-        # Choice i with seed s draws from seed s + i (wrapping past MAX_SEED): reproducible,
-        # and the choices differ. A seed out of range is SamplingParams' error.
-        ok = seed is not None and 0 <= seed <= MAX_SEED
-        choice_seed = (int(seed) + i) % (MAX_SEED + 1) if ok else seed
+        # OpenAI takes any 64-bit seed; the engine's are 0..MAX_SEED. Choice i with seed s
+        # draws from (s + i) mod (MAX_SEED + 1): reproducible, and the choices differ (seeds
+        # 0..MAX_SEED map to themselves).
+        choice_seed = None if seed is None else (int(seed) + i) % (MAX_SEED + 1)
         try:
             params.append(SamplingParams(**values, seed=choice_seed, stop=stop,
                                          logprobs=logprobs))
@@ -255,9 +258,9 @@ def parse_messages(messages: Any) -> list[Message]:
         content = _content(m.get("content"), where, role)
         check_text_param(f"{where}.content", content)
         out.append(Message(ROLES[role], content))  # type: ignore[arg-type]
-    if out[-1].role != "user":
-        raise bad(f"messages: the last message must be the user's, got {out[-1].role!r}",
-                  "messages")
+    if out[-1].role != "user":  # named as sent (a developer message is a system turn here)
+        raise bad(f"messages: the last message must be the user's, got "
+                  f"{messages[-1]['role']!r}", "messages")
     try:
         check_order(out, where="messages")
     except ValueError as e:
