@@ -212,3 +212,8 @@ def test_conformance_details(server) -> None:
         "model": MODEL, "prompt": [1, 2, 10**6], "max_tokens": 2}, headers=AUTH)
     assert status == 400 and body["error"]["param"] == "prompt", body
     assert "vocabulary" in body["error"]["message"]
+    for prompt, words in ((None, "prompt: required"), ([], "prompt: empty")):
+        status, _, body = server.request("POST", "/v1/completions", {
+            "model": MODEL, "prompt": prompt, "max_tokens": 2}, headers=AUTH)
+        assert status == 400 and body["error"]["param"] == "prompt", body
+        assert body["error"]["message"].startswith(words), body

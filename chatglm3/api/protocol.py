@@ -316,6 +316,10 @@ def parse_completion(body: dict, served: str) -> CompletionRequest:
         raise bad("best_of: only equal to n (this server returns every choice it makes)",
                   "best_of")
     prompt = body.get("prompt")
+    if prompt is None or prompt == []:  # OpenAI's description requires it, and non-empty
+        raise bad("prompt: required, a string, a list of strings, a list of token ids or a "
+                  "list of such lists" if prompt is None else
+                  "prompt: empty; give a string or at least one token id", "prompt")
     if isinstance(prompt, str):
         prompts: list = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
