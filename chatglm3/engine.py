@@ -64,7 +64,7 @@ class EngineStats:
     decode_steps: int  # decoding steps run since the start
     decoded_tokens: int  # tokens those steps made: / decode_steps = the mean batch
     prefilling: int = 0  # requests whose prompts run (not counted in `running`)
-    kv_used: int = 0  # KV positions the running requests hold
+    kv_used: int = 0  # KV positions held: the running requests' and the prefilled ones'
 
 
 class Engine:
@@ -205,7 +205,8 @@ class Engine:
                            len(self.rows.prefix) if self.rows.prefix is not None else 0,
                            self.steps.decode_steps, self.steps.decoded_tokens,
                            len(self.scheduler.prefilling),
-                           sum(r.length for r in list(self.scheduler.running)))
+                           sum(r.length for r in list(self.scheduler.running))
+                           + sum(r.prefilled for r in list(self.scheduler.prefilling)))
 
     def prefix_cache_entries(self) -> list[tuple[int, int]]:
         """The cached entries as (cache row, positions held), least recently used first.
