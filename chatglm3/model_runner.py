@@ -240,13 +240,9 @@ class ModelRunner:
                 max=self.context - 1))
         step_positions = None
         if batch:
-            step = torch.tensor([[r.last_token for r in running],
-                                 [r.length - 1 for r in running]], device=self.device)
-            step_positions = step[1]
-            furthest = max(r.length for r in running)
-            self.kv.reserve(batch, furthest)
+            tokens, step_positions, furthest = self._step_inputs(running)
             mask = self.kv.prepare_step(step_positions, read_len=furthest)
-            ids.append(step[0])
+            ids.append(tokens)
             positions.append(step_positions)
         else:  # for transformers' mask builder (it returns a 4-D mask as it is); unused
             mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
@@ -293,13 +289,8 @@ class ModelRunner:
         """One decoding step of the running requests (running[i] in row i): their next tokens,
         also written into the id history, and their log-probabilities (None when no request
         asks for them)."""
-        batch = len(running)
-        # Each row's last token and its position, to the device in one copy.
-        step = torch.tensor([[r.last_token for r in running], [r.length - 1 for r in running]],
-                            device=self.device)
-        tokens, positions = step[0][:, None], step[1]
-        furthest = max(r.length for r in running)
-        self.kv.reserve(batch, furthest)
+        step, positions, furthest = self._step_inputs(running)
+        tokens = step[:, None]
         logits = None
         if self.fixed is not None:
             try:
@@ -315,6 +306,15 @@ class ModelRunner:
         if logits is None:
             logits = decode_logits(self.model, self.kv, tokens, positions, furthest)
         return self._decoded(running, logits, positions)
+
+    def _step_inputs(self, running: list[Request]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A decoding step's inputs: each row's last token and its position (to the device in
+        one copy), and the furthest length, which the cache is made room for."""
+        step = torch.tensor([[r.last_token for r in running], [r.length - 1 for r in running]],
+                            device=self.device)
+        furthest = max(r.length for r in running)
+        self.kv.reserve(len(running), furthest)
+        return step[0], step[1], furthest
 
     def _decoded(self, running: list[Request], logits: torch.Tensor,
                  positions: torch.Tensor) -> StepOutput:

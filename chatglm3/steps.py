@@ -43,10 +43,14 @@ class Steps:
             self.decode()
 
     def packed(self, chunks: list[PrefillChunk]) -> None:
-        """Chunks and a decoding step in one pass; an error fails every request in it."""
+        """Chunks and a decoding step in one pass. If it fails, its prompts fail with the
+        error, and the running requests' decoding step runs again on its own (the pass took no
+        token of theirs; the keys/values it wrote are written again at the same positions), so
+        a prompt that is too large fails alone, as it would in a pass of its own."""
         sched = self.scheduler
         live = [c for c in chunks if not c.request.cancelled.is_set()]
         dropped = [c for c in chunks if c not in live]
+        error: Exception | None = None
         try:
             # Prefix cache entries are copied out before anything may evict one (ending a
             # cancelled request stores its own entry).
@@ -54,46 +58,35 @@ class Steps:
                 self._begin(c.request)
             for c in dropped:
                 self._end_prefill(c.request, "cancelled")
-            gone, moves = sched.release_cancelled()
-            self.runner.apply(moves)
-            for r in gone:
-                r.output.finish("cancelled")
+            self._release_cancelled()
             if not live:
                 if sched.running:
                     self.decode()
                 return
             out = self.runner.packed(live, sched.running)
         except torch.OutOfMemoryError:
+            # Not kept: the error's traceback holds the forward pass's tensors until the
+            # memory is given back below.
             log.warning("out of memory in a packed step", exc_info=True)
         except Exception as e:  # noqa: BLE001 - reported to its requests, serving goes on
             self.rows.drop_entries()  # it may have failed halfway through moving an entry
-            self._retry_without(live, e)
-            return
+            error = e
         else:
             if out.decoded is not None:
                 self._decoded(out.decoded)
             for c, first in zip(live, out.firsts):
                 self._prefilled(c, first)
             return
-        # Out of memory, handled out here: inside the except block the error's traceback
-        # still holds the forward pass's tensors.
         for c in live:
             self._abandon(c.request)
-        n = sum(len(c.request.prompt) for c in live)
-        error = OutOfMemory(self._out_of_memory(
-            f"prefill of a {n:,}-token prompt" if len(live) == 1
-            else f"prefill of {len(live)} prompts ({n:,} tokens)"))
-        self._retry_without(live, error)
-
-    def _retry_without(self, chunks: list[PrefillChunk], error: Exception) -> None:
-        """A packed pass failed: its prompts' requests fail with `error`, and the running
-        requests' decoding step runs again on its own (the pass took no token of theirs; the
-        keys/values it wrote are written again at the same positions), so a prompt that is
-        too large fails alone, as it would in a pass of its own."""
-        for c in chunks:
-            self._abandon(c.request)
+        if error is None:
+            n = sum(len(c.request.prompt) for c in live)
+            error = OutOfMemory(self._out_of_memory(
+                f"prefill of a {n:,}-token prompt" if len(live) == 1
+                else f"prefill of {len(live)} prompts ({n:,} tokens)"))
+        for c in live:
             c.request.output.finish("error", error)
-        if self.scheduler.running:
+        if sched.running:
             self.decode()
 
     def prefill(self, chunk: PrefillChunk) -> None:
@@ -159,10 +152,7 @@ class Steps:
         the step), and serving goes on."""
         sched = self.scheduler
         try:
-            gone, moves = sched.release_cancelled()
-            self.runner.apply(moves)
-            for r in gone:
-                r.output.finish("cancelled")
+            self._release_cancelled()
             if not sched.running:
                 return
             self._decoded(self.runner.decode(sched.running))
@@ -179,6 +169,13 @@ class Steps:
         error = self._out_of_memory(f"a decoding step of {n} request{'s' if n != 1 else ''}")
         for r in failed:
             r.output.finish("error", OutOfMemory(error))
+
+    def _release_cancelled(self) -> None:
+        """The cancelled running requests out of their rows, before a step runs."""
+        gone, moves = self.scheduler.release_cancelled()
+        self.runner.apply(moves)
+        for r in gone:
+            r.output.finish("cancelled")
 
     def _decoded(self, out: StepOutput) -> None:
         """A decoding step's tokens to their requests (running[i] -> out.tokens[i]); the

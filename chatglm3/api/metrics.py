@@ -26,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..output import GenerationResult
+from .responses import FINISH_REASONS
 
 # vLLM's buckets (seconds), so its dashboards' quantiles mean the same here.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -34,9 +35,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
-# Our stop reasons as vLLM's finished_reason label.
-REASONS = {"stop_token": "stop", "stop_sequence": "stop", "max_tokens": "length",
-           "cancelled": "abort", "error": "error"}
+# Our stop reasons as vLLM's finished_reason label: OpenAI's finish reasons, and its own two.
+REASONS = {**FINISH_REASONS, "cancelled": "abort", "error": "error"}
 
 
 class _EngineGauges(Collector):
