@@ -278,7 +278,8 @@ class Engine:
         sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=self.tokenizer.stop_ids)
         result.seed = sampling.seed
         stream = OutputStream(self.tokenizer, result, params.stop)
-        return Request(ids, stream, sampling, output_ids=result.output_ids)
+        return Request(ids, stream, sampling, output_ids=result.output_ids,
+                       whole_prompt=params.prompt_logprobs is not None)
 
     def submit(self, request: Request) -> Generation:
         """Queues a prepared request; its stream."""

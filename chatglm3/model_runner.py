@@ -11,7 +11,6 @@ runs. Only the engine's worker thread calls it.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
@@ -21,10 +20,11 @@ from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
 from .host_memory import release_freed_memory
 from .packed_step import PackedStep, Segment
 from .rows import Move
-from .sampling import TokenLogprob, pick, token_logprobs
+from .sampling import pick, prompt_logprobs, token_logprobs
 from .scheduler import PrefillChunk, Request
 
 from .settings import DECODE_STEPS, PREFILL_CHUNK
+from .step_outputs import ChunkOutput, FirstToken, PackedOutput, StepOutput
 
 
 def _prefill_buckets(smallest: int = 16, largest: int = PREFILL_CHUNK) -> tuple[int, ...]:
@@ -69,29 +69,6 @@ class _Prefill:
     def __init__(self, prompt: list[int], device: torch.device, config) -> None:
         self.prompt_ids = torch.tensor(prompt, device=device)[None]
         self.cache = DynamicCache(config=config)
-
-
-class StepOutput(NamedTuple):
-    """A decoding step's result: the next token of each running request (running[i] ->
-    tokens[i]), and their log-probabilities (None when no request asks for them)."""
-
-    tokens: list[int]
-    logprobs: list[TokenLogprob | None] | None
-
-
-class FirstToken(NamedTuple):
-    """A prompt's last prefill chunk's result: its first token (and its log-probabilities)."""
-
-    token: int
-    logprob: TokenLogprob | None
-
-
-class PackedOutput(NamedTuple):
-    """A packed step's result: per chunk its first token (None where the prompt goes on), and
-    the decoding step's output (None when no request was running)."""
-
-    firsts: list[FirstToken | None]
-    decoded: StepOutput | None
 
 
 class ModelRunner:
@@ -165,16 +142,26 @@ class ModelRunner:
             if n:
                 self.kv.load_prefix(row, n, r.tensors.cache)
 
-    def prefill(self, chunk: PrefillChunk) -> FirstToken | None:
-        """Runs one chunk of a request's prompt; at its last chunk, returns the first token
-        picked from the prompt's logits (and its log-probabilities, if the request asks for
-        them)."""
+    def prefill(self, chunk: PrefillChunk) -> ChunkOutput:
+        """Runs one chunk of a request's prompt: at its last chunk the first token picked
+        from the prompt's logits (and its log-probabilities, if the request asks for them),
+        and the prompt tokens' scores if it asks for those."""
         r = chunk.request
         self.begin(r)
         t: _Prefill = r.tensors
         logits = self.prefill_chunk(t.prompt_ids[:, chunk.begin : chunk.end], t.cache,
-                                    chunk.begin)
-        return self._first(r, logits) if chunk.last else None
+                                    chunk.begin, _scored(r))
+        return self._chunk_output(chunk, logits)
+
+    def _chunk_output(self, chunk: PrefillChunk, logits: torch.Tensor) -> ChunkOutput:
+        """A chunk's output from its kept logits rows: every position's if it is scored,
+        else the last one's (none for a chunk that neither scores nor ends its prompt)."""
+        r = chunk.request
+        scores = []
+        if _scored(r):
+            targets = r.prompt[chunk.begin + 1 : chunk.end + 1]
+            scores = prompt_logprobs(logits, targets, r.sampling.params.prompt_logprobs)
+        return ChunkOutput(self._first(r, logits[-1:]) if chunk.last else None, scores)
 
     def _first(self, r: Request, logits: torch.Tensor) -> FirstToken:
         """The first token from a prompt's last logits [1, vocab]."""
@@ -182,9 +169,12 @@ class ModelRunner:
         logprobs = token_logprobs(logits, token, [r.sampling])
         return FirstToken(token.item(), logprobs[0] if logprobs else None)
 
-    def prefill_chunk(self, chunk: torch.Tensor, cache: DynamicCache, begin: int) -> torch.Tensor:
+    def prefill_chunk(self, chunk: torch.Tensor, cache: DynamicCache, begin: int,
+                      scored: bool = False) -> torch.Tensor:
         """Runs prompt tokens `chunk` [1, n] at positions begin.. into `cache`, padded to a
-        PREFILL_BUCKETS length; returns the logits [1, vocab] of its last real position."""
+        PREFILL_BUCKETS length; returns the logits [1, vocab] of its last real position, or
+        with `scored` those of every real position [n, vocab] (one chunk's, never a whole
+        prompt's: prompt_logprobs turns them into scores a few rows at a time)."""
         real = chunk.shape[1]
         # Padding goes after the real tokens (see PREFILL_BUCKETS): attention is causal, so no
         # real position sees it, and its keys/values are cropped off below. Its positions go on
@@ -196,14 +186,15 @@ class ModelRunner:
             max=self.context - 1)[None]
         # The last real position as an index tensor, not logits_to_keep=1: that slice keeps
         # the chunk's strides, and matmul then copies the whole lm_head weight (seconds on CPU).
-        last = torch.tensor([real - 1], device=self.device)
+        keep = torch.arange(real, device=self.device) if scored else torch.tensor(
+            [real - 1], device=self.device)
         out = self.model(input_ids=chunk, cache=cache, position_ids=positions,
-                         use_cache=True, logits_to_keep=last)
+                         use_cache=True, logits_to_keep=keep)
         if padded > real:
             # transformers 5 crop(): a negative count removes that many positions from the end
             # (a positive one, the old "keep this many", raises).
             cache.crop(real - padded)
-        return out.logits[:, -1]
+        return out.logits[0]
 
     # ---- packed steps ----
 
@@ -218,14 +209,16 @@ class ModelRunner:
         """One forward pass of `chunks` (of different requests) and a decoding step of
         `running` (running[i] in row i; may be empty): each chunk's first token if it ends
         its prompt (else None), and the decoding step's output (None without one)."""
-        segments, ids, positions, lasts, at = [], [], [], [], 0
+        segments, ids, positions, keep, kept, at = [], [], [], [], [], 0
         for c in chunks:
             self.begin(c.request)
             n = c.end - c.begin
             ids.append(c.request.tensors.prompt_ids[0, c.begin : c.end])
             positions.append(torch.arange(c.begin, c.end, device=self.device))
             segments.append(Segment(c.request.tensors.cache, at, n))
-            lasts.append(at + n - 1 if c.last else None)
+            rows = range(at, at + n) if _scored(c.request) else [at + n - 1] if c.last else []
+            keep += rows
+            kept.append(len(rows))
             at += n
         batch = len(running)
         # Padded to a PREFILL_BUCKETS length as a lone chunk is: after the last chunk's real
@@ -247,7 +240,7 @@ class ModelRunner:
         else:  # for transformers' mask builder (it returns a 4-D mask as it is); unused
             mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         step_cache = PackedStep(segments, self.kv if batch else None, batch, mask)
-        keep = [i for i in lasts if i is not None] + list(range(padded - batch, padded))
+        keep += range(padded - batch, padded)
         out = self.model(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None],
                          attention_mask=mask, cache=step_cache, use_cache=True,
                          logits_to_keep=torch.tensor(keep, device=self.device),
@@ -255,13 +248,12 @@ class ModelRunner:
         if pad:
             segments[-1].cache.crop(-pad)
         logits = out.logits[0]
-        firsts: list[FirstToken | None] = []
-        j = 0  # the next kept row of logits: the ending chunks', in order, then the batch's
-        for c, last in zip(chunks, lasts):
-            firsts.append(None if last is None else self._first(c.request, logits[j : j + 1]))
-            j += last is not None
+        outputs, j = [], 0  # j: the next kept logits row (the chunks', in order, then the batch's)
+        for c, n in zip(chunks, kept):
+            outputs.append(self._chunk_output(c, logits[j : j + n]))
+            j += n
         decoded = self._decoded(running, logits[j:], step_positions) if batch else None
-        return PackedOutput(firsts, decoded)
+        return PackedOutput(outputs, decoded)
 
     def admit(self, r: Request, row: int, moves: list[Move]) -> None:
         """Puts a prefilled request (its first token taken) into `row`, after `moves`."""
@@ -395,4 +387,9 @@ class ModelRunner:
                              torch.zeros(shape, dtype=self.dtype, device=self.device), layer)
         chunk = torch.full((1, min(PREFILL_CHUNK, self.context)), self.pad_id,
                            device=self.device)
-        self.prefill_chunk(chunk, cache, begin)
+        self.prefill_chunk(chunk, cache, begin, scored=True)
+
+
+def _scored(r: Request) -> bool:
+    """Whether r's prompt tokens are scored (its prompt_logprobs)."""
+    return r.sampling.params.prompt_logprobs is not None

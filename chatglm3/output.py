@@ -50,6 +50,9 @@ class GenerationResult:
     seed: int = 0
     # Per output token (SamplingParams.logprobs set): its log-probability and alternatives.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Per prompt token (SamplingParams.prompt_logprobs set): None for the first (nothing
+    # before it), then each one's log-probability given those before it.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +125,14 @@ class OutputProcessor:
         """r's prefill starts from n prompt positions of the prefix cache (its result says so)."""
         r.output.result.cached_input_token_count = n
 
+    @staticmethod
+    def scored(r: "Request", scores: list[TokenLogprob]) -> None:
+        """The next prompt tokens' log-probabilities (a prefill chunk's, in prompt order)."""
+        done = r.output.result.prompt_logprobs
+        if not done:
+            done.append(None)
+        done.extend(scores)
+
     def take(self, r: "Request", token: int, logprob: TokenLogprob | None = None) -> bool:
         """r's next token (with its log-probabilities if r asks for them); True when r has
         finished with it (its stream then closed)."""
@@ -131,6 +142,8 @@ class OutputProcessor:
         if not result.output_ids and not result.time_to_first_token:
             s.first_token_at = s.last_token_at
             result.time_to_first_token = s.first_token_at - s.submitted
+        if result.max_tokens == 0:  # the prompt scored, nothing to generate
+            return self._end(s, "max_tokens")
         if token in self.stop_ids:
             return self._end(s, "stop_token")
         r.take(token)  # into result.output_ids: the request's list is the result's

@@ -133,6 +133,11 @@ FIELDS: tuple[Field, ...] = (
     Field("logprobs", int, None, 0, MAX_LOGPROBS,
           "report each token's log-probability and this many likeliest alternatives",
           "None = off", api=(), cli=False, optional=True),
+    # vLLM's extension, read under its own name on both API routes (completions also sets it
+    # from echo + logprobs): computed in the prefill chunks, so the prefix cache is not read.
+    Field("prompt_logprobs", int, None, 0, MAX_LOGPROBS,
+          "report each prompt token's log-probability given the tokens before it, and this "
+          "many likeliest alternatives", "None = off", cli=False, optional=True),
 )
 BY_NAME: Mapping[str, Field] = {f.name: f for f in FIELDS}
 
@@ -174,6 +179,9 @@ class SamplingParams:
     # Report each generated token's log-probability and this many likeliest alternatives
     # (0-MAX_LOGPROBS); None = none reported (no work per step).
     logprobs: int | None = None
+    # The same for every prompt token after the first (scoring; max_tokens may then be 0:
+    # nothing generated). None = off, and the prompt's logits are never computed.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for f in FIELDS:
@@ -188,7 +196,16 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raises one SettingsError naming every bad field (the constructor calls it)."""
-        problems = [(f.name, m) for f in FIELDS if (m := f.error(getattr(self, f.name)))]
+        problems = []
+        for f in FIELDS:
+            message = f.error(getattr(self, f.name))
+            if message and f.name == "max_tokens" and self.max_tokens == 0:
+                if self.scores_only:
+                    continue
+                message += ("; 0 only with prompt_logprobs set (the prompt is scored, "
+                            "nothing generated)")
+            if message:
+                problems.append((f.name, message))
         problems += self._stop_problems()
         if problems:
             raise SettingsError(problems)
@@ -212,6 +229,11 @@ class SamplingParams:
             except InputError as e:
                 problems.append((name, str(e)))
         return problems
+
+    @property
+    def scores_only(self) -> bool:
+        """Only the prompt's log-probabilities are wanted: max_tokens 0 with prompt_logprobs."""
+        return self.max_tokens == 0 and self.prompt_logprobs is not None
 
     @property
     def greedy(self) -> bool:

@@ -112,11 +112,35 @@ def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
 
 
 class TokenLogprob(NamedTuple):
-    """A generated token's log-probability and its likeliest alternatives', most likely first."""
+    """A token's log-probability and its likeliest alternatives', most likely first."""
 
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, log-probability)
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt tokens only)
+
+
+# Rows of prompt logits turned into log-probabilities at a time: 64 x 65,024 fp32 = 16 MB.
+SCORE_ROWS = 64
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[TokenLogprob]:
+    """Each target token's log-probability under the logits row before it (row i scores
+    targets[i]), its rank and the k likeliest alternatives: the raw model distribution, as
+    for generated tokens. `logits` [rows >= len(targets), vocab] in any float dtype; worked
+    through SCORE_ROWS rows at a time, so memory stays bounded whatever the rows."""
+    out: list[TokenLogprob] = []
+    target = torch.tensor(targets, device=logits.device)
+    for begin in range(0, len(targets), SCORE_ROWS):
+        end = min(begin + SCORE_ROWS, len(targets))
+        lp = torch.log_softmax(logits[begin:end].float(), dim=-1)
+        chosen = lp.gather(1, target[begin:end, None])
+        rank = (lp > chosen).sum(-1) + 1
+        values, ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        for t, c, r, v, i in zip(targets[begin:end], chosen[:, 0].tolist(), rank.tolist(),
+                                 values.tolist(), ids.tolist()):
+            out.append(TokenLogprob(t, c, tuple(zip(i, v)), r))
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,

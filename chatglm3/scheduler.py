@@ -79,8 +79,10 @@ class Request:
 
     def __init__(self, prompt: list[int], output: RequestOutput | None = None,
                  sampling: RequestSampling | None = None,
-                 output_ids: list[int] | None = None) -> None:
+                 output_ids: list[int] | None = None, whole_prompt: bool = False) -> None:
         self.prompt = prompt
+        # Every prompt position runs (its logits are scored): no prefix cache entry is read.
+        self.whole_prompt = whole_prompt
         self.output = output
         self.sampling = sampling
         self.status = Status.WAITING
@@ -169,8 +171,9 @@ class Scheduler:
                and len(self.running) + len(self.prefilling) < self.max_batch):
             r = self.waiting.popleft()
             r.status = Status.PREFILLING
-            r.reuse = self.rows.lookup(r.prompt)
-            r.prefilled = r.reuse[1]
+            if not r.whole_prompt:
+                r.reuse = self.rows.lookup(r.prompt)
+                r.prefilled = r.reuse[1]
             self.prefilling.append(r)
             left -= self._chunk(plan, r, left)
         return plan

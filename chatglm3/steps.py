@@ -13,10 +13,11 @@ import logging
 import torch
 
 from .errors import OutOfMemory
-from .model_runner import FirstToken, ModelRunner, StepOutput
+from .model_runner import ModelRunner
 from .output import OutputProcessor
 from .rows import RowAllocator
 from .scheduler import PrefillChunk, Request, Scheduler, StepPlan
+from .step_outputs import ChunkOutput, StepOutput
 
 log = logging.getLogger("chatglm3.engine")
 
@@ -74,8 +75,8 @@ class Steps:
         else:
             if out.decoded is not None:
                 self._decoded(out.decoded)
-            for c, first in zip(live, out.firsts):
-                self._prefilled(c, first)
+            for c, chunk_out in zip(live, out.chunks):
+                self._prefilled(c, chunk_out)
             return
         for c in live:
             self._abandon(c.request)
@@ -121,10 +122,14 @@ class Steps:
                       len(r.prompt), r.reuse[0])
         self.runner.begin(r)
 
-    def _prefilled(self, chunk: PrefillChunk, first: FirstToken | None) -> None:
-        """A chunk ran: at the prompt's end its first token, then a row (or the end)."""
+    def _prefilled(self, chunk: PrefillChunk, out: ChunkOutput) -> None:
+        """A chunk ran: its prompt scores; at the prompt's end its first token, then a row
+        (or the end)."""
         r = chunk.request
         self.scheduler.prefilled(chunk)
+        if out.scores:
+            self.output.scored(r, out.scores)
+        first = out.first
         if first is None:
             return
         if self.output.take(r, first.token, first.logprob):

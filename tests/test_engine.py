@@ -328,7 +328,7 @@ def test_per_step_device_work_does_not_grow_with_the_batch(engine: Engine, refer
                 first = None
                 while first is None:
                     [chunk] = sched.schedule().prefills
-                    first = runner.prefill(chunk)
+                    first = runner.prefill(chunk).first
                     sched.prefilled(chunk)
                 assert not output.take(chunk.request, *first)
                 runner.admit(chunk.request, *sched.end_prefill(chunk.request, admit=True))
