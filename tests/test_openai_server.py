@@ -191,10 +191,15 @@ def test_completions_continue_plain_text(server, client) -> None:
     assert choice.text == prompt + expected
     assert answer.usage.completion_tokens == gen.result.output_token_count
     assert answer.usage.prompt_tokens == len(gen.result.input_ids)
+    # echo: the prompt's own tokens (after the server's [gMASK] sop prefix) come first,
+    # scored, spelling the prompt; then the generated ones from the prompt's end.
     lp = choice.logprobs
+    echoed = len(gen.result.input_ids) - len(engine.tokenizer.prefix_ids)
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == \
-        answer.usage.completion_tokens
-    assert lp.text_offset[0] == len(prompt) and all(len(t) <= 2 for t in lp.top_logprobs)
+        echoed + answer.usage.completion_tokens
+    assert "".join(lp.tokens[:echoed]) == prompt and lp.text_offset[0] == 0
+    assert lp.text_offset[echoed] == len(prompt) and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert None not in lp.token_logprobs  # the first text token is scored given the prefix
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model=MODEL, prompt=prompt, temperature=0, max_tokens=10, stream=True) if c.choices)
     assert streamed == expected

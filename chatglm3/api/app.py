@@ -34,10 +34,10 @@ from ..output import Generation, GenerationResult
 from ..scheduler import Request as EngineRequest
 from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
-from .responses import FINISH_REASONS, LogprobWriter, new_id, now, timings, usage
+from .responses import FINISH_REASONS, Echo, LogprobWriter, new_id, now, timings, usage
 from .streams import RETRY_AFTER_SECONDS, collect, merged, sse
 from .metrics import Metrics
-from .tokens import parse_detokenize, parse_tokenize, tokenize
+from .tokens import parse_detokenize, parse_tokenize, tokenize, tokenizer_info
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
+        Route("/tokenizer_info", api.tokenizer_info, methods=["GET"]),
         Route("/metrics", api.metrics_text, methods=["GET"]),
     ]
     api_paths = [r.path for r in routes if "{" not in r.path]  # what a 404 lists
@@ -174,6 +175,10 @@ class Api:
         ids = await self._parsed(request, lambda body, served: parse_detokenize(
             body, served, tok.vocab_size))
         return JSONResponse({"prompt": await run_in_threadpool(tok.decode, ids)})
+
+    async def tokenizer_info(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        return JSONResponse(tokenizer_info(self.engine.tokenizer, self.engine.context))
 
     # ---- checks every request with a body passes ----
 
@@ -290,17 +295,17 @@ class Api:
         if req.stream:
             return sse(self._chat_chunks(rid, req, gens))
         results = await collect(request, gens)
-        choices = []
-        for i, r in enumerate(results):
-            choices.append({
-                "index": i, "message": {"role": "assistant", "content": r.text,
-                                        "refusal": None},
-                "logprobs": self.logprobs.chat(r.logprobs) if req.logprobs is not None else None,
-                "finish_reason": FINISH_REASONS.get(r.stop_reason)})
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": now(),
-                             "model": req.model, "choices": choices,
-                             "usage": usage(results),
-                             "timings": timings(results)})
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text,
+                                            "refusal": None},
+                    "logprobs": self.logprobs.chat(r.logprobs) if req.logprobs is not None
+                    else None, "finish_reason": FINISH_REASONS.get(r.stop_reason)}
+                   for i, r in enumerate(results)]
+        body = {"id": rid, "object": "chat.completion", "created": now(), "model": req.model,
+                "choices": choices, "usage": usage(results), "timings": timings(results)}
+        if req.prompt_logprobs is not None:  # vLLM's place for it: the response's (one prompt)
+            body["prompt_logprobs"] = self.logprobs.prompt(results[0].prompt_logprobs,
+                                                           req.prompt_logprobs)
+        return JSONResponse(body)
 
     async def _chat_chunks(self, rid: str, req: ChatRequest, gens: list[Generation]
                            ) -> AsyncIterator[dict]:
@@ -341,34 +346,30 @@ class Api:
         gens = await self._start(rid, params, lambda: [
             p if isinstance(p, list) else self.engine.encode_plain(p) for p in req.prompts],
             "prompt")
-        per = len(req.params)
-        echoes = [self._echo(req, k // per) for k in range(len(gens))]
+        echo = Echo(self.logprobs, req.prompts, len(req.params), req.echo, req.logprobs)
         if req.stream:
-            return sse(self._completion_chunks(rid, req, gens, echoes))
+            return sse(self._completion_chunks(rid, req, gens, echo))
         results = await collect(request, gens)
         choices = []
         for k, r in enumerate(results):
-            choices.append({
-                "index": k, "text": echoes[k] + r.text,
-                "logprobs": (self.logprobs.legacy(r.logprobs, len(echoes[k]))
-                             if req.logprobs is not None else None),
-                "finish_reason": FINISH_REASONS.get(r.stop_reason)})
+            lp = None
+            if req.logprobs is not None:
+                lp = echo.logprobs(k, r, self.logprobs.legacy(r.logprobs, len(echo.texts[k])))
+            choice = {"index": k, "text": echo.texts[k] + r.text, "logprobs": lp,
+                      "finish_reason": FINISH_REASONS.get(r.stop_reason)}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self.logprobs.prompt(r.prompt_logprobs,
+                                                                 req.prompt_logprobs)
+            choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(),
                              "model": req.model, "choices": choices,
                              "usage": usage(results, len(req.prompts)),
                              "timings": timings(results)})
 
-    def _echo(self, req: CompletionRequest, prompt: int) -> str:
-        if not req.echo:
-            return ""
-        p = req.prompts[prompt]
-        return p if isinstance(p, str) else self.engine.tokenizer.decode(p)
-
     async def _completion_chunks(self, rid: str, req: CompletionRequest,
-                                 gens: list[Generation], echoes: list[str]
-                                 ) -> AsyncIterator[dict]:
+                                 gens: list[Generation], echo: Echo) -> AsyncIterator[dict]:
         base = {"id": rid, "object": "text_completion", "created": now(), "model": req.model}
-        offsets = [len(e) for e in echoes]
+        offsets = [len(e) for e in echo.texts]  # where each choice's next text starts
 
         def chunk(k: int, text: str, entries=None, finish: str | None = None) -> dict:
             lp = None
@@ -378,10 +379,15 @@ class Api:
             return {**base, "choices": [{"index": k, "text": text, "logprobs": lp,
                                          "finish_reason": finish}]}
 
-        for k, echo in enumerate(echoes):
-            if echo:
-                yield chunk(k, echo)
+        # Each echo goes once its scores are in: at the choice's first token or its end.
+        unsent = [bool(e) for e in echo.texts]
         async for k, delta, entries in merged(gens):
+            if unsent[k]:
+                unsent[k] = False
+                yield {**base, "choices": [{
+                    "index": k, "text": echo.texts[k], "finish_reason": None,
+                    "logprobs": echo.logprobs(k, gens[k].result) if req.logprobs is not None
+                    else None}]}
             if delta is not None:
                 yield chunk(k, delta.text, entries)
             else:

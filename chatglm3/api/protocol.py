@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
-from ..params import FIELDS, MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
+from ..params import BY_NAME, FIELDS, MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
 from ..tokenizer import Message
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
@@ -112,6 +112,9 @@ class Options:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # alternatives per token; None = no logprobs
+    # vLLM's prompt_logprobs extension: alternatives per prompt token in the answer's own
+    # prompt_logprobs field; None = not asked (echo's logprobs are another matter)
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -137,8 +140,12 @@ def check_model(body: dict, served: str) -> str:
     return model
 
 
-def _options(body: dict, served: str, logprobs: int | None) -> Options:
-    """The shared fields: model, n, stream, sampling (one SamplingParams per choice)."""
+def _options(body: dict, served: str, logprobs: int | None,
+             scored: int | None = None) -> Options:
+    """The shared fields: model, n, stream, sampling (one SamplingParams per choice).
+    `scored`: alternatives per prompt token the route needs scored itself (completions' echo
+    with logprobs), beside what vLLM's prompt_logprobs asks for (the engine computes the
+    larger count; each layout is cut to its own)."""
     model = check_model(body, served)
     n = int(_field(body, "n", _integer, f"an integer from 1 to {MAX_N}", 1))
     if not 1 <= n <= MAX_N:
@@ -158,6 +165,14 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise bad(f"seed: expected a 64-bit integer, got {_describe(seed)}", "seed")
     values, names = _sampling_values(body)
+    asked = values.get("prompt_logprobs")
+    if asked is not None and (message := BY_NAME["prompt_logprobs"].error(asked)):
+        raise bad(message, "prompt_logprobs")  # before it is compared with `scored`
+    if asked is not None and stream:
+        raise bad("prompt_logprobs: not available with stream (as in vLLM); completions stream "
+                  "the prompt's log-probabilities with echo and logprobs", "prompt_logprobs")
+    if scored is not None:
+        values["prompt_logprobs"] = scored if asked is None else max(scored, asked)
     params = []
     for i in range(n):
         # OpenAI takes any 64-bit seed; the engine's are 0..MAX_SEED. Choice i with seed s
@@ -169,7 +184,8 @@ def _options(body: dict, served: str, logprobs: int | None) -> Options:
                                          logprobs=logprobs))
         except SettingsError as e:
             raise bad(e.renamed(names), names.get(e.field, e.field)) from None
-    return Options(model, params, stream, include_usage, logprobs)
+    return Options(model, params, stream, include_usage, logprobs,
+                   None if asked is None else int(asked))  # (checked by SamplingParams)
 
 
 def _sampling_values(body: dict) -> tuple[dict[str, Any], dict[str, str]]:
@@ -310,7 +326,13 @@ def parse_completion(body: dict, served: str) -> CompletionRequest:
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad(f"logprobs: must be from 0 to {MAX_LOGPROBS}, got {logprobs}", "logprobs")
     echo = _field(body, "echo", _boolean, "true or false", False)
-    options = _options(body, served, None if logprobs is None else int(logprobs))
+    # echo with logprobs: the prompt's tokens come first in them, scored; echo with max_tokens
+    # 0: the prompt alone, the engine's "score only" request (OpenAI allows both).
+    scores_only = any(body.get(name) == 0 for name in BY_NAME["max_tokens"].api_names)
+    scored = None
+    if echo and (logprobs is not None or scores_only):
+        scored = 0 if logprobs is None else int(logprobs)
+    options = _options(body, served, None if logprobs is None else int(logprobs), scored)
     best_of = _field(body, "best_of", _integer, "an integer")
     if best_of is not None and best_of != len(options.params):
         raise bad("best_of: only equal to n (this server returns every choice it makes)",

@@ -9,6 +9,7 @@ from typing import Sequence
 
 from ..output import GenerationResult
 from ..sampling import TokenLogprob
+from ..streaming import IncrementalDetokenizer
 from ..tokenizer import ChatGLMTokenizer
 
 # Our stop reasons -> OpenAI's finish_reason (cancelled requests send nothing: their client left).
@@ -84,3 +85,65 @@ class LogprobWriter:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
+
+    def echoed(self, ids: Sequence[int], entries: Sequence[TokenLogprob | None], top: int,
+               then: dict | None = None) -> dict:
+        """choices[].logprobs of an echoed prompt (`ids`, scored by `entries`, `top`
+        alternatives each), then `then` (the generated tokens' layout, its offsets already
+        past the echo). Each token's text is what it adds to the prompt's decoded text (the
+        detokenizer's delta: a character split over byte pieces shows at its last one), so
+        the tokens spell the echoed text exactly and offsets count from its start. A token
+        with nothing before it has a null log-probability and alternatives (OpenAI's first)."""
+        detok = IncrementalDetokenizer(self.tokenizer)
+        texts = [detok.push(i) for i in ids]
+        if texts:
+            texts[-1] += detok.flush()
+        lps, tops, offsets, offset = [], [], [], 0
+        for text, e in zip(texts, entries):
+            lps.append(None if e is None else e.logprob)
+            tops.append(None if e is None else {self._token(t)[0]: lp for t, lp in e.top[:top]})
+            offsets.append(offset)
+            offset += len(text)
+        out = {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops,
+               "text_offset": offsets}
+        return out if then is None else {k: out[k] + then[k] for k in out}
+
+    def prompt(self, entries: Sequence[TokenLogprob | None], top: int) -> list[dict | None]:
+        """vLLM's prompt_logprobs field: per prompt token None (the first) or {token id:
+        {logprob, rank, decoded_token}} for the token itself and its `top` alternatives."""
+        out: list[dict | None] = []
+        for e in entries:
+            if e is None:
+                out.append(None)
+                continue
+            entry = {str(e.token): {"logprob": e.logprob, "rank": e.rank,
+                                    "decoded_token": self._token(e.token)[0]}}
+            for rank, (t, lp) in enumerate(e.top[:top], 1):
+                entry.setdefault(str(t), {"logprob": lp, "rank": rank,
+                                          "decoded_token": self._token(t)[0]})
+            out.append(entry)
+        return out
+
+
+class Echo:
+    """/v1/completions' echo for each choice (`per` choices per prompt): the prompt as sent,
+    and with logprobs its tokens scored, ahead of the generated ones. A string prompt runs
+    after the `[gMASK] sop` prefix the server adds (as the official encode does); the prefix
+    is not echoed, so the scores start at the text's first token, scored given the prefix
+    (not null: something came before it). Token ids are echoed as sent, the first null."""
+
+    def __init__(self, writer: LogprobWriter, prompts: Sequence[str | list[int]], per: int,
+                 echo: bool, top: int | None) -> None:
+        self.writer, self.prompts, self.per, self.top = writer, prompts, per, top
+        decode = writer.tokenizer.decode
+        self.texts = [(p if isinstance(p, str) else decode(p)) if echo else ""
+                      for p in prompts for _ in range(per)]
+
+    def logprobs(self, choice: int, r: GenerationResult, then: dict | None = None) -> dict:
+        """The choice's logprobs: its echoed prompt's (if echoed), then `then`."""
+        if not self.texts[choice]:
+            return then
+        skip = (len(self.writer.tokenizer.prefix_ids)
+                if isinstance(self.prompts[choice // self.per], str) else 0)
+        return self.writer.echoed(r.input_ids[skip:], r.prompt_logprobs[skip:], self.top or 0,
+                                  then)

@@ -11,6 +11,10 @@ It answers `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` wi
 than the context is counted, not refused: that is what one asks the count for.
 /detokenize takes `tokens` (ids below the vocabulary size) and answers `{"prompt": text}`;
 special tokens carry no text, as in generated text.
+GET /tokenizer_info: what lm-eval's `remote` tokenizer reads first (vLLM's route): the
+tokenizer's class, context, and its special tokens by name. No `chat_template`: the chat
+format is built in code (tokenizer.build_chat_input); clients send messages instead. The
+names are names: this tokenizer, as the official one, tokenizes "</s>" in a text as text.
 """
 
 from __future__ import annotations
@@ -77,3 +81,12 @@ def parse_detokenize(body: dict, served: str, vocab_size: int) -> list[int]:
             raise bad(f"tokens[{i}]: expected a token id from 0 to {vocab_size - 1}, got "
                       f"{_describe(t)}", "tokens")
     return tokens
+
+
+def tokenizer_info(tokenizer, context: int) -> dict[str, Any]:
+    """The body of GET /tokenizer_info."""
+    return {"tokenizer_class": "ChatGLMTokenizer", "model_max_length": context,
+            "vocab_size": tokenizer.vocab_size, "eos_token": tokenizer.piece(tokenizer.eos_id),
+            "bos_token": None, "pad_token": None,
+            "prefix_tokens": [tokenizer.piece(i) for i in tokenizer.prefix_ids],
+            "stop_tokens": sorted(tokenizer.piece(i) for i in tokenizer.stop_ids)}
