@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import load_model
 from .devices import resolve_device, resolve_dtype
-from .errors import OutOfMemory, PromptTooLong, RequestTooLarge
+from .errors import InputError, OutOfMemory, PromptTooLong, RequestTooLarge
 from .kv_rows import KVPlan
 from .openmp import in_passing_thread
 from .model_runner import (DECODE_STEPS, PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner,
@@ -273,11 +273,18 @@ class Engine:
         max_tokens = min(params.max_tokens, room)
         if self.kv_plan is not None and len(ids) + max_tokens > self.kv_plan.capacity:
             raise RequestTooLarge(len(ids), max_tokens, self.kv_plan.capacity)
+        for name, token in params.token_ids():
+            if token >= self.tokenizer.vocab_size:
+                raise InputError(f"{name}: token id {token} is past the vocabulary (ids are 0 "
+                                 f"to {self.tokenizer.vocab_size - 1})", name)
         result = GenerationResult(input_ids=ids, input_token_count=len(ids),
                                   max_tokens=max_tokens, max_tokens_cut=params.max_tokens > room)
-        sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=self.tokenizer.stop_ids)
+        # What ends this answer: the model's end tokens (unless ignore_eos), and its own.
+        stop_ids = frozenset(params.stop_token_ids).union(
+            () if params.ignore_eos else self.tokenizer.stop_ids)
+        sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=stop_ids)
         result.seed = sampling.seed
-        stream = OutputStream(self.tokenizer, result, params.stop)
+        stream = OutputStream(self.tokenizer, result, params.stop, stop_ids)
         return Request(ids, stream, sampling, output_ids=result.output_ids,
                        whole_prompt=params.prompt_logprobs is not None)
 

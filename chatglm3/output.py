@@ -76,8 +76,10 @@ class OutputStream:
     thread; an asyncio consumer sets `wake`), then _END or an error."""
 
     def __init__(self, tokenizer: ChatGLMTokenizer, result: GenerationResult,
-                 stop: list[str]) -> None:
+                 stop: list[str], stop_ids: frozenset[int] | None = None) -> None:
         self.result = result
+        # The ids that end it (default: the model's end tokens).
+        self.stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = StopMatcher(stop)
         self.out: queue.SimpleQueue = queue.SimpleQueue()
@@ -118,7 +120,6 @@ class OutputProcessor:
 
     def __init__(self, tokenizer: ChatGLMTokenizer) -> None:
         self.tokenizer = tokenizer
-        self.stop_ids = tokenizer.stop_ids
 
     @staticmethod
     def reused(r: "Request", n: int) -> None:
@@ -144,7 +145,7 @@ class OutputProcessor:
             result.time_to_first_token = s.first_token_at - s.submitted
         if result.max_tokens == 0:  # the prompt scored, nothing to generate
             return self._end(s, "max_tokens")
-        if token in self.stop_ids:
+        if token in s.stop_ids:
             return self._end(s, "stop_token")
         r.take(token)  # into result.output_ids: the request's list is the result's
         if logprob is not None:

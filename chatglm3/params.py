@@ -42,6 +42,11 @@ MAX_STOP_LENGTH = 256
 # Log-probabilities: per generated token, its own and those of up to this many likeliest
 # alternatives (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
+# logit_bias: OpenAI's range per token, and a bound on the entries (each is a device op's
+# worth of work per step for its row; OpenAI's own limit is 300).
+MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES = 100.0, 300
+# stop_token_ids (vLLM's): extra token ids that end the answer.
+MAX_STOP_TOKEN_IDS = 16
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,17 @@ class SamplingParams:
     # The same for every prompt token after the first (scoring; max_tokens may then be 0:
     # nothing generated). None = off, and the prompt's logits are never computed.
     prompt_logprobs: int | None = None
+    # Added to these tokens' logits before sampling or greedy picking ((token id, bias) pairs;
+    # OpenAI's logit_bias, -100 to 100): -100 bans a token in practice, 100 forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Token ids that end the answer besides the model's own (vLLM's stop_token_ids).
+    stop_token_ids: tuple[int, ...] = ()
+    # Only these tokens may be picked (vLLM's allowed_token_ids; () = any). The model's end
+    # tokens are not added: list them to let the answer end before max_tokens.
+    allowed_token_ids: tuple[int, ...] = ()
+    # The model's own end tokens do not end the answer (vLLM's ignore_eos): it runs to
+    # max_tokens, a stop string or stop_token_ids.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         for f in FIELDS:
@@ -192,6 +208,11 @@ class SamplingParams:
                 object.__setattr__(self, f.name, float(value))  # (a larger one: an error)
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        for name in ("logit_bias", "stop_token_ids", "allowed_token_ids"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -206,7 +227,7 @@ class SamplingParams:
                             "nothing generated)")
             if message:
                 problems.append((f.name, message))
-        problems += self._stop_problems()
+        problems += self._stop_problems() + self._token_problems()
         if problems:
             raise SettingsError(problems)
 
@@ -229,6 +250,47 @@ class SamplingParams:
             except InputError as e:
                 problems.append((name, str(e)))
         return problems
+
+    def _token_problems(self) -> list[tuple[str, str]]:
+        """logit_bias, stop_token_ids and ignore_eos (token ids: the engine checks them
+        against its vocabulary)."""
+        problems = []
+        bias = self.logit_bias
+        if not isinstance(bias, tuple) or not all(
+                isinstance(e, tuple) and len(e) == 2 for e in bias):
+            problems.append(("logit_bias", "logit_bias: must map token ids to numbers"))
+        elif len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+            problems.append(("logit_bias", f"logit_bias: at most {MAX_LOGIT_BIAS_ENTRIES} "
+                                           f"tokens, got {len(bias)}"))
+        else:
+            for token, value in bias:
+                if not _integer(token) or token < 0:
+                    problems.append(("logit_bias", f"logit_bias: keys must be token ids "
+                                                   f"(integers >= 0), got {token!r}"))
+                elif not _finite(value) or abs(value) > MAX_LOGIT_BIAS:
+                    problems.append(("logit_bias", f"logit_bias[{token}]: must be from "
+                                                   f"-{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}, "
+                                                   f"got {value!r}"))
+                if len(problems) > 2:
+                    break
+        for name, most in (("stop_token_ids", MAX_STOP_TOKEN_IDS),
+                           ("allowed_token_ids", CONTEXT)):
+            ids = getattr(self, name)
+            if not isinstance(ids, tuple) or not all(_integer(i) and i >= 0 for i in ids):
+                problems.append((name, f"{name}: must be a list of token ids (integers >= 0)"))
+            elif len(ids) > most:
+                problems.append((name, f"{name}: at most {most}, got {len(ids)}"))
+        if not isinstance(self.ignore_eos, bool):
+            problems.append(("ignore_eos", f"ignore_eos: must be true or false, got "
+                                           f"{self.ignore_eos!r}"))
+        return problems
+
+    def token_ids(self) -> list[tuple[str, int]]:
+        """Every token id these settings name, with its field (the engine checks them
+        against its vocabulary)."""
+        return ([("logit_bias", t) for t, _ in self.logit_bias]
+                + [("stop_token_ids", t) for t in self.stop_token_ids]
+                + [("allowed_token_ids", t) for t in self.allowed_token_ids])
 
     @property
     def scores_only(self) -> bool:

@@ -57,6 +57,8 @@ class RequestSampling:
         self._stop_index: torch.Tensor | None = None  # stop_ids on the device, made once
         self.counts: torch.Tensor | None = None  # [vocab] times each token was generated
         self._counted = prompt_len  # history positions already in `counts`
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias on the device
+        self._allowed: torch.Tensor | None = None  # 0 at allowed_token_ids, -inf elsewhere
 
     @property
     def needs_history(self) -> bool:
@@ -66,6 +68,12 @@ class RequestSampling:
         return (self.penalty is not None or p.min_tokens > 0 or p.presence_penalty != 0
                 or p.frequency_penalty != 0)
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether `pick` runs `adjust` on this request's row."""
+        p = self.params
+        return self.needs_history or bool(p.logit_bias) or bool(p.allowed_token_ids)
+
     def uniform(self) -> float:
         return self.rng.random()
 
@@ -73,8 +81,23 @@ class RequestSampling:
         """This row's scores [1, vocab] after the repetition penalty (over prompt and output,
         transformers' processor), the presence/frequency penalties (OpenAI's: over the
         generated tokens, once per token / once per occurrence) and min_tokens (stop tokens
-        held back until that many are out). `history` [1, n]: the ids so far."""
+        held back until that many are out), then logit_bias and allowed_token_ids. `history` [1, n]: the ids so
+        far (None when not `needs_history`)."""
         p = self.params
+        if p.logit_bias:
+            if self._bias is None:  # made once: no host-to-device copy per step
+                ids, values = zip(*p.logit_bias)
+                self._bias = (torch.tensor(ids, device=scores.device),
+                              torch.tensor(values, dtype=scores.dtype, device=scores.device))
+            scores = scores.index_add(-1, self._bias[0], self._bias[1][None])
+        if p.allowed_token_ids:
+            if self._allowed is None:
+                self._allowed = torch.full((scores.shape[-1],), float("-inf"),
+                                           device=scores.device)
+                self._allowed[list(p.allowed_token_ids)] = 0.0
+            scores = scores + self._allowed
+        if history is None:
+            return scores
         if self.penalty is not None:
             scores = self.penalty(history, scores)
         if p.presence_penalty or p.frequency_penalty:
@@ -97,7 +120,7 @@ def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
     """The next token of each row, [batch] on the device (no host sync until the caller reads
     them): `logits` [batch, vocab]; `history[i]` [1, n] ids so far of row i (read only for
     requests that `needs_history`)."""
-    adjusted = [i for i, s in enumerate(samplings) if s.needs_history]
+    adjusted = [i for i, s in enumerate(samplings) if s.adjusts]
     # A copy when rows change: fp32 logits' .float() is the caller's tensor itself (on a GPU,
     # a graph's output buffer).
     scores = logits.to(torch.float32, copy=bool(adjusted))

@@ -70,7 +70,6 @@ def test_bad_sampling_values_name_the_field(field, value) -> None:
 @pytest.mark.parametrize("field, value, words", [
     ("tools", [{"type": "function"}], "tool calls"),
     ("function_call", {"name": "f"}, "function calls"),
-    ("logit_bias", {"1": 2}, "not supported"),
     ("response_format", {"type": "json_object"}, "no JSON mode"),
 ])
 def test_what_the_model_cannot_do_is_refused_in_words(field, value, words) -> None:
@@ -104,3 +103,32 @@ def test_completion_prompts_in_every_form() -> None:
 def test_json_depth_is_checked_before_parsing() -> None:
     assert parse_json(json.dumps(BASE).encode()) == BASE
     assert "nested" in error(parse_json, b"[" * 10**6).message  # no RecursionError
+
+
+def test_logit_bias_stop_token_ids_and_ignore_eos_are_read() -> None:
+    body = {**BASE, "logit_bias": {"5": 2, "64000": -100.0}, "stop_token_ids": [7, 8],
+            "ignore_eos": True, "allowed_token_ids": [3, 9]}
+    for params in (parse_chat(body, "m").params[0],
+                   parse_completion({**body, "prompt": "hi"}, "m").params[0]):
+        assert params.logit_bias == ((5, 2.0), (64000, -100.0))
+        assert params.stop_token_ids == (7, 8) and params.ignore_eos is True
+        assert params.allowed_token_ids == (3, 9)
+    plain = parse_chat(BASE, "m").params[0]
+    assert plain.logit_bias == () and plain.stop_token_ids == () and plain.ignore_eos is False
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("logit_bias", {"x": 1}, "keys must be token ids"),
+    ("logit_bias", {"-3": 1}, "keys must be token ids"),
+    ("logit_bias", {"5": "big"}, "expected a number"),
+    ("logit_bias", {"5": 100.5}, "must be from -100 to 100, got 100.5"),
+    ("logit_bias", {str(i): 1 for i in range(301)}, "at most 300 tokens, got 301"),
+    ("logit_bias", [1], "expected an object"),
+    ("stop_token_ids", [1, "2"], "token ids"),
+    ("stop_token_ids", list(range(17)), "at most 16"),
+    ("ignore_eos", "yes", "true or false"),
+    ("allowed_token_ids", [-1], "token ids"),
+])
+def test_bad_token_settings_name_the_field(field, value, words) -> None:
+    e = error(parse_chat, {**BASE, field: value}, "m")
+    assert e.status == 400 and e.param == field and words in e.message, e.message

@@ -284,3 +284,22 @@ def test_lm_eval_chat_generation_gives_the_models_answers(server, tasks, tiny_mo
     finally:
         engine.close()
     assert len(samples) == len(DOCS)
+
+
+def test_logit_bias_and_stop_token_ids_through_the_api(server) -> None:
+    """OpenAI's logit_bias (string keys) and vLLM's stop_token_ids / ignore_eos per request;
+    an id past the vocabulary is a 400 naming its field."""
+    base = {"model": MODEL, "prompt": [5, 6, 7], "temperature": 0, "max_tokens": 4,
+            "logprobs": 0}
+    status, body = post(server, "/v1/completions", {**base, "logit_bias": {"777": 100}})
+    assert status == 200 and body["choices"][0]["logprobs"]["tokens"] == [
+        body["choices"][0]["logprobs"]["tokens"][0]] * 4
+    status, body = post(server, "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+        "logit_bias": {"2": 100}, "ignore_eos": True, "temperature": 0})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 3
+    for field, value in (("logit_bias", {"70000": 1}), ("stop_token_ids", [70000])):
+        status, body = post(server, "/v1/completions", {**base, field: value})
+        assert status == 400 and body["error"]["param"] == field, body
+        assert "past the vocabulary" in body["error"]["message"]

@@ -103,6 +103,10 @@ def _object(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
 @dataclass
 class Options:
     """What every generating endpoint takes besides its input."""
@@ -165,6 +169,7 @@ def _options(body: dict, served: str, logprobs: int | None,
     if seed is not None and not -(2**63) <= seed < 2**63:
         raise bad(f"seed: expected a 64-bit integer, got {_describe(seed)}", "seed")
     values, names = _sampling_values(body)
+    values.update(_token_settings(body))
     asked = values.get("prompt_logprobs")
     if asked is not None and (message := BY_NAME["prompt_logprobs"].error(asked)):
         raise bad(message, "prompt_logprobs")  # before it is compared with `scored`
@@ -186,6 +191,32 @@ def _options(body: dict, served: str, logprobs: int | None,
             raise bad(e.renamed(names), names.get(e.field, e.field)) from None
     return Options(model, params, stream, include_usage, logprobs,
                    None if asked is None else int(asked))  # (checked by SamplingParams)
+
+
+def _token_settings(body: dict) -> dict[str, Any]:
+    """OpenAI's logit_bias ({"token id": bias}; JSON keys are strings) and vLLM's
+    stop_token_ids, allowed_token_ids and ignore_eos, as SamplingParams takes them (it
+    checks the values)."""
+    out: dict[str, Any] = {}
+    bias = _field(body, "logit_bias", _object, "an object mapping token ids to numbers")
+    if bias:
+        entries = []
+        for key, value in bias.items():
+            if not (isinstance(key, str) and key.isdigit() and key.isascii()):
+                raise bad(f"logit_bias: keys must be token ids, got {key[:50]!r}", "logit_bias")
+            if not _number(value):
+                raise bad(f"logit_bias[{key}]: expected a number, got {_describe(value)}",
+                          "logit_bias")
+            entries.append((int(key), value))
+        out["logit_bias"] = tuple(entries)
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        ids = _field(body, name, _list, "a list of token ids")
+        if ids:
+            if not all(_token_id(t) for t in ids):
+                raise bad(f"{name}: expected a list of token ids (integers >= 0)", name)
+            out[name] = tuple(int(t) for t in ids)
+    out["ignore_eos"] = _field(body, "ignore_eos", _boolean, "true or false", False)
+    return out
 
 
 def _sampling_values(body: dict) -> tuple[dict[str, Any], dict[str, str]]:
@@ -211,7 +242,6 @@ _REFUSED = {
                  "calling)",
     "tool_choice": "the 32k model does not do tool calls",
     "function_call": "the 32k model does not do function calls",
-    "logit_bias": "not supported by this server",
     "audio": "this model takes and writes text only",
     "prediction": "not supported by this server",
 }
