@@ -1,4 +1,4 @@
-"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.Engine` (the work
+"""Cog entry point: a thin adapter from Cog's inputs to `chatglm3.engine.engine.Engine` (the work
 lives in `chatglm3/`); it maps inputs, streams the engine's text deltas and records metrics.
 
 `cog build` writes the input schema with a static parser that never imports this file (cog
@@ -8,7 +8,7 @@ although chatglm3.params holds the same ones: tests/test_cog_static.py keeps the
 run() is a coroutine returning a plain generator: concurrency needs an async run(), coglet
 0.23.1 streams only plain generators; chatglm3.coglet_cancel says how cancel reaches the engine.
 Environment: COG_WEIGHTS (Cog's setup(weights=...)), the load-time settings of
-chatglm3/settings.py (CHATGLM3_DEVICE, ..., COG_MAX_CONCURRENCY) and chatglm3/download.py's.
+chatglm3/settings.py (CHATGLM3_DEVICE, ..., COG_MAX_CONCURRENCY) and chatglm3/weights/download.py's.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 
 from chatglm3 import coglet_cancel
 from chatglm3.engine import Generation
-from chatglm3.messages import build_messages, parse_stop_sequences
+from chatglm3.text.messages import build_messages, parse_stop_sequences
 from chatglm3.params import SamplingParams
 from chatglm3.settings import Settings
 from chatglm3.startup import start_engine

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from chatglm3.packed_linear import PackedLinear
+from chatglm3.model.packed_linear import PackedLinear
 
 # ChatGLM3-6B(-32K): hidden 4096, ffn 13696, 32 heads + 2 x 2 key/value heads of 128, 28
 # layers, vocabulary 65,024 (the output layer is read whole every step)

@@ -17,11 +17,11 @@ import time
 
 import torch  # noqa: E402
 
-from chatglm3.engine import Engine  # noqa: E402
-from chatglm3.decode_graphs import decode_logits  # noqa: E402
-from chatglm3.kv_rows import KVRows  # noqa: E402
+from chatglm3.engine.engine import Engine  # noqa: E402
+from chatglm3.model.decode_graphs import decode_logits  # noqa: E402
+from chatglm3.model.kv_rows import KVRows  # noqa: E402
 from chatglm3.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingParams  # noqa: E402
-from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from chatglm3.text.tokenizer import ChatGLMTokenizer  # noqa: E402
 from synthetic import TOKENIZER, random_model  # noqa: E402
 
 PROMPT = "Write a long story about a fox who learns to fly. 讲一个长故事。"

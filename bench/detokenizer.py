@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from chatglm3.streaming import IncrementalDetokenizer  # noqa: E402
-from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from chatglm3.text.streaming import IncrementalDetokenizer  # noqa: E402
+from chatglm3.text.tokenizer import ChatGLMTokenizer  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "chatglm3-tokenizer" / "tokenizer.model"
 

@@ -10,7 +10,7 @@ Builds ChatGLM3-6B-32K's exact shapes with random fp16 weights on the GPU and pr
 2. whether graphs give the same greedy tokens as eager steps;
 3. aggregate decode tokens/s at 8 and 32 streams (eager and graphs);
 4. time to first token at 1k, 8k and 32k prompt tokens;
-5. each --quantize mode (int8, int4; chatglm3/quantize.py) on the same random weights: weight
+5. each --quantize mode (int8, int4; chatglm3/model/quantize.py) on the same random weights: weight
    bytes, the KV plan, the warm-up's graphs self-check, batch-1 and 8-stream decode tokens/s
    (ratios against the unquantized engine), and quality against the unquantized model:
    last-token logits' relative L2, top-1 agreement over every position of a 2,000-token
@@ -36,10 +36,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
-from chatglm3.engine import Engine  # noqa: E402
+from chatglm3.engine.engine import Engine  # noqa: E402
 from chatglm3.settings import parse_bytes  # noqa: E402
 from chatglm3.params import SamplingParams  # noqa: E402
-from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from chatglm3.text.tokenizer import ChatGLMTokenizer  # noqa: E402
 from decode import PROMPT, bare_loop, engine_streams  # noqa: E402
 from synthetic import TOKENIZER, random_model  # noqa: E402
 
@@ -234,7 +234,7 @@ def logits_summary(model, text: list[int], prompt: list[int], greedy: int):
 
 def quantized_report(args, mode: str, tokenizer, text, prompt, reference, base_rates,
                      labels) -> None:
-    from chatglm3.quantize import compute_dtype, quantize_model
+    from chatglm3.model.quantize import compute_dtype, quantize_model
 
     device = torch.device(args.device)
     dtype = compute_dtype(mode, device, getattr(torch, args.dtype))

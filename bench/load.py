@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 import torch
-from chatglm3.checkpoint import load_model
+from chatglm3.weights.checkpoint import load_model
 
 def hwm():  # VmHWM, unlike ru_maxrss, is not inherited from the parent across exec
     line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))

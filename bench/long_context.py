@@ -25,7 +25,7 @@ CKPT = ROOT.parent / "shared" / "golden" / "tiny-32k" / "ckpt"
 
 CHILD = r"""
 import json, sys, torch
-from chatglm3.engine import Engine
+from chatglm3.engine.engine import Engine
 from chatglm3.params import SamplingParams
 
 def hwm():

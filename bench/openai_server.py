@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import TOKENIZER, random_model  # noqa: E402
 
 from chatglm3.api.app import ServerConfig, create_app  # noqa: E402
-from chatglm3.engine import Engine  # noqa: E402
-from chatglm3.messages import build_messages  # noqa: E402
+from chatglm3.engine.engine import Engine  # noqa: E402
+from chatglm3.text.messages import build_messages  # noqa: E402
 from chatglm3.params import SamplingParams  # noqa: E402
-from chatglm3.tokenizer import ChatGLMTokenizer  # noqa: E402
+from chatglm3.text.tokenizer import ChatGLMTokenizer  # noqa: E402
 
 MODEL = "bench"
 

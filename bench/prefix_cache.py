@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from chatglm3.engine import Engine, GenerationResult
+from chatglm3.engine.engine import Engine, GenerationResult
 from chatglm3.params import SamplingParams
-from chatglm3.prefix_cache import PrefixCache, as_ids
-from chatglm3.tokenizer import ChatGLMTokenizer, Message
+from chatglm3.engine.prefix_cache import PrefixCache, as_ids
+from chatglm3.text.tokenizer import ChatGLMTokenizer, Message
 from synthetic import TOKENIZER, random_model
 
 WORDS = ("report quarterly revenue market growth 风险 分析 policy climate river engine data "

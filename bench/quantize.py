@@ -1,4 +1,4 @@
-"""Weight-only quantization (chatglm3/quantize.py): speed, memory and quality per mode.
+"""Weight-only quantization (chatglm3/model/quantize.py): speed, memory and quality per mode.
 
 speed: a random checkpoint at the real width and vocabulary with --layers layers (default 4;
   28 is the whole 6.2B model: 12.5 GB on disk, 12 GiB RSS for `none`), loaded in
@@ -37,7 +37,7 @@ MODES = ("none", "int8", "int4")
 SPEED_CHILD = r"""
 import json, re, sys, threading, time
 import torch
-from chatglm3.engine import Engine
+from chatglm3.engine.engine import Engine
 from chatglm3.params import SamplingParams
 
 def status(key):
@@ -45,7 +45,7 @@ def status(key):
 
 ckpt, mode, prefill_tokens, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if mode != "none":
-    from chatglm3.quantize import import_torchao
+    from chatglm3.model.quantize import import_torchao
     import_torchao()  # imports outside the timed load
 t = time.perf_counter()
 engine = Engine.from_pretrained(ckpt, "cpu", "bfloat16", quantize=mode)
@@ -124,8 +124,8 @@ def quality_of(ckpt: Path, ids: list[int], greedy: int, label: str) -> list[str]
 
     import torch
 
-    from chatglm3.checkpoint import load_model
-    from chatglm3.quantize import release_freed_memory
+    from chatglm3.weights.checkpoint import load_model
+    from chatglm3.model.quantize import release_freed_memory
 
     def run(mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         model = load_model(ckpt, "cpu", dtype, quantize=mode)
@@ -167,7 +167,7 @@ def quality_of(ckpt: Path, ids: list[int], greedy: int, label: str) -> list[str]
 def quality(args: argparse.Namespace) -> None:
     from synthetic import write_checkpoint
 
-    from chatglm3.tokenizer import ChatGLMTokenizer
+    from chatglm3.text.tokenizer import ChatGLMTokenizer
 
     golden = ROOT.parent / "shared" / "golden" / "tiny-32k" / "ckpt"
     tok = ChatGLMTokenizer.from_dir(golden)
@@ -192,9 +192,9 @@ def parts(args: argparse.Namespace) -> None:
 
     import torch
 
-    import chatglm3.quantize as Q
-    from chatglm3.checkpoint import load_model
-    from chatglm3.tokenizer import ChatGLMTokenizer
+    import chatglm3.model.quantize as Q
+    from chatglm3.weights.checkpoint import load_model
+    from chatglm3.text.tokenizer import ChatGLMTokenizer
     from synthetic import write_checkpoint
 
     wide = ROOT / "bench" / "out" / f"ckpt-{args.quality_layers}l"
@@ -248,8 +248,8 @@ def kernels(args: argparse.Namespace) -> None:
 
     import torch
 
-    import chatglm3.qlinear as L
-    import chatglm3.quantize as Q
+    import chatglm3.model.qlinear as L
+    import chatglm3.model.quantize as Q
 
     with Q._quiet_torchao_import():
         from torchao.quantization import Int8WeightOnlyConfig, quantize_

@@ -16,7 +16,7 @@ table reports other processes' CPU use meanwhile and the worker's own CPU time p
 Usage: python bench/soak.py [--n 400] [--weights DIR] [--dtype bfloat16] [--no-buckets]
   --no-buckets: the engine pads no prefill chunk (every prompt length its own shape), for the
   before/after comparison. Bench-only: a sitecustomize on the server's PYTHONPATH sets
-  PREFILL_BUCKETS to every length from 1 to PREFILL_CHUNK when chatglm3.engine is imported.
+  PREFILL_BUCKETS to every length from 1 to PREFILL_CHUNK when chatglm3.engine.engine is imported.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from cogserver import _create, running_server  # noqa: E402 - the tests' server 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 NO_BUCKETS_HOOK = '''
-"""Bench-only (bench/soak.py --no-buckets): no prefill padding in chatglm3.engine."""
+"""Bench-only (bench/soak.py --no-buckets): no prefill padding in chatglm3.engine.engine."""
 import importlib.abc
 import importlib.util
 import sys

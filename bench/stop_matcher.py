@@ -23,7 +23,7 @@ from typing import Callable, Protocol, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from chatglm3.streaming import StopMatcher  # noqa: E402
+from chatglm3.text.streaming import StopMatcher  # noqa: E402
 
 CONSTRUCT_LENGTHS = [1_000, 10_000, 100_000]
 STREAM_LENGTHS = [10, 1_000, 100_000]

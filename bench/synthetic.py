@@ -98,7 +98,7 @@ def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed:
     as `load_model` leaves them. pack=False for a model that is to be quantized."""
     from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-    from chatglm3.checkpoint import glm_config
+    from chatglm3.weights.checkpoint import glm_config
     from transformers import GlmForCausalLM
 
     config = glm_config(chatglm_config(**sizes))
@@ -117,7 +117,7 @@ def random_model(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed:
     model.model.rotary_emb = GlmRotaryEmbedding(config).to(device)
     model.eval().requires_grad_(False)
     if pack:
-        from chatglm3.packed_linear import pack_linears
+        from chatglm3.model.packed_linear import pack_linears
 
         pack_linears(model)
     return model

@@ -14,7 +14,7 @@ import time
 import torch
 
 from chatglm3.params import SamplingParams
-from chatglm3.sampling import RequestSampling, pick
+from chatglm3.model.sampling import RequestSampling, pick
 
 VOCAB = 65024
 

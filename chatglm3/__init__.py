@@ -7,7 +7,7 @@ class _TorchaoNoise(_logging.Filter):
     """Drops two import-time warnings of torchao 0.18 (which transformers imports whenever it is
     installed): one per optional CUDA/mxfp8 extension its wheel cannot load into this torch
     build, and torch's deprecation notes about the Enums it registers. Neither extension is used
-    here (chatglm3/quantize.py says what runs); every other warning passes."""
+    here (chatglm3/model/quantize.py says what runs); every other warning passes."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         msg = str(record.msg)

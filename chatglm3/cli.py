@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Sequence
 
 from .cli_args import build_parser, sampling_params
 from .errors import SetupError
-from .messages import build_messages
+from .text.messages import build_messages
 from .settings import Settings
-from .tokenizer import ChatGLMTokenizer, Message
+from .text.tokenizer import ChatGLMTokenizer, Message
 
 if TYPE_CHECKING:  # torch and transformers load only once a command needs the model
-    from .engine import Engine, Generation
+    from .engine.engine import Engine, Generation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +70,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import resolve_weights
+    from .weights.download import resolve_weights
 
     path = resolve_weights(args.weights, dest=Path(args.dir) if args.dir else None,
                            revision=args.revision)
@@ -80,7 +80,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     messages = build_messages(read_prompt(args), args.system, args.history)
-    from .download import resolve_tokenizer  # only the tokenizer's files, never 12.5 GB
+    from .weights.download import resolve_tokenizer  # only the tokenizer's files, never 12.5 GB
 
     tokenizer = ChatGLMTokenizer.from_dir(resolve_tokenizer(args.weights))
     print(json.dumps(tokenizer.build_chat_input(messages)))

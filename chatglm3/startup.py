@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 
 from .devices import resolve_device, resolve_dtype
-from .download import resolve_weights
-from .engine import Engine
-from .messages import build_messages
-from .packed_linear import layers_summary
+from .weights.download import resolve_weights
+from .engine.engine import Engine
+from .text.messages import build_messages
+from .model.packed_linear import layers_summary
 from .params import SamplingParams
-from .quantize import check_mode, compute_dtype
+from .model.quantize import check_mode, compute_dtype
 from .settings import Settings
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import pytest
 
 from chatglm3.params import SamplingParams
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.text.tokenizer import ChatGLMTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHATGLM3_TEST_SHARED", ROOT.parent / "shared"))  # override: tests
@@ -123,6 +123,6 @@ def tiny_model_fp32():
     """The shared tiny checkpoint, loaded once in fp32 (the dtype the references were made in)."""
     import torch
 
-    from chatglm3.checkpoint import load_model
+    from chatglm3.weights.checkpoint import load_model
 
     return load_model(TINY_CKPT, "cpu", torch.float32)

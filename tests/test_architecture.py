@@ -97,6 +97,36 @@ def test_the_api_never_imports_the_cli(graph) -> None:
     assert api and not any(n.startswith("chatglm3.cli") for m in api for n in graph[m])
 
 
+LEAVES = {"chatglm3.params", "chatglm3.settings", "chatglm3.errors", "chatglm3.devices",
+          "chatglm3.host_memory", "chatglm3.openmp"}
+# What each folder may import besides itself and the leaves (docs/architecture.md, "Folders").
+FOLDERS = {
+    "chatglm3.text": set(),
+    "chatglm3.model": {"chatglm3.text", "chatglm3.engine.scheduler", "chatglm3.engine.rows"},
+    "chatglm3.weights": {"chatglm3.text", "chatglm3.model"},
+    "chatglm3.engine": {"chatglm3.text", "chatglm3.model", "chatglm3.weights"},
+}
+
+
+@pytest.mark.parametrize("folder", sorted(FOLDERS))
+def test_folders_import_only_what_their_layer_may(graph, folder) -> None:
+    allowed = FOLDERS[folder] | LEAVES | {folder}
+    for m in (m for m in graph if m.startswith(folder + ".")):
+        for n in graph[m]:
+            assert any(n == a or n.startswith(a + ".") for a in allowed), f"{m} imports {n}"
+    assert any(m.startswith(folder + ".") for m in graph), folder
+
+
+def test_text_imports_no_torch() -> None:
+    for path in (PACKAGE / "text").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names}
+        names |= {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                  if isinstance(n, ast.ImportFrom) and not n.level}
+        assert "torch" not in names, path
+
+
 def test_no_module_is_too_long() -> None:
     long = {module_name(p): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}

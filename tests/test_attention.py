@@ -1,4 +1,4 @@
-"""Prefill attention over a cache (chatglm3/attention.py): the two-part, unmasked computation
+"""Prefill attention over a cache (chatglm3/model/attention.py): the two-part, unmasked computation
 equals masked attention, a chunked prefill equals the whole prompt at once, and decoding steps
 and GPUs keep transformers' SDPA path."""
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from chatglm3 import attention as attn
-from chatglm3.checkpoint import load_model
+from chatglm3.model import attention as attn
+from chatglm3.weights.checkpoint import load_model
 
 from conftest import TINY_CKPT
 

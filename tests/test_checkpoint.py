@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chatglm3.checkpoint import CheckpointError, glm_config, load_model
+from chatglm3.weights.checkpoint import CheckpointError, glm_config, load_model
 from conftest import GOLDEN, ROOT, TINY_CKPT, convert_to_safetensors
 
 pytestmark = pytest.mark.shared
@@ -140,7 +140,7 @@ def test_a_copied_tensors_file_pages_are_handed_back(tmp_path: Path) -> None:
     mapping still reads the same values (the pages come back from the file)."""
     import re
 
-    from chatglm3.checkpoint import _drop_file_pages
+    from chatglm3.weights.checkpoint import _drop_file_pages
 
     def rss_file() -> int:
         status = Path("/proc/self/status").read_text()
@@ -159,7 +159,7 @@ def test_a_copied_tensors_file_pages_are_handed_back(tmp_path: Path) -> None:
 _THREADS_AFTER_LOAD = """
 import os, sys, torch
 torch.set_num_threads(2)
-from chatglm3 import checkpoint
+from chatglm3.weights import checkpoint
 before = len(os.listdir("/proc/self/task"))
 load = checkpoint.load_model if sys.argv[2] == "load_model" else (
     lambda *a: checkpoint._load_model(*a, False, "none"))

@@ -61,7 +61,7 @@ def test_generate_streams_the_same_text_and_stops(reference: dict) -> None:
     ids = reference["prompts"][0]["greedy_generate"]["new_ids"]
     out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "24")
     assert out.returncode == 0, out.stderr
-    from chatglm3.tokenizer import ChatGLMTokenizer
+    from chatglm3.text.tokenizer import ChatGLMTokenizer
 
     full = ChatGLMTokenizer.from_dir(TINY_CKPT).decode(ids)
     assert out.stdout == full + "\n"

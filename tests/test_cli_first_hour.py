@@ -20,8 +20,8 @@ from typing import Iterator
 import pytest
 
 from chatglm3 import params
-from chatglm3.messages import build_messages
-from chatglm3.tokenizer import ChatGLMTokenizer, Message
+from chatglm3.text.messages import build_messages
+from chatglm3.text.tokenizer import ChatGLMTokenizer, Message
 from conftest import ROOT, TINY_CKPT, TOKENIZER_MODEL
 from test_cli import TINY
 
@@ -206,7 +206,7 @@ def test_range_errors_come_before_torch_is_imported(args: list[str], named: str)
 def test_encode_without_weights_fetches_only_the_tokenizer(tmp_path: Path, reference: dict) -> None:
     from fakehub import FakeHub
 
-    from chatglm3.download import DEFAULT_REPO, DEFAULT_REVISION
+    from chatglm3.weights.download import DEFAULT_REPO, DEFAULT_REVISION
 
     case = reference["chat_inputs"][0]
     with FakeHub() as hub:
@@ -265,7 +265,7 @@ def test_shard_progress_is_a_bar_on_a_terminal() -> None:
     import struct
     import termios
 
-    code = ("import torch; from chatglm3.checkpoint import load_model; "
+    code = ("import torch; from chatglm3.weights.checkpoint import load_model; "
             f"load_model({str(TINY_CKPT)!r}, 'cpu', torch.float32, progress=True)")
     main, side = pty.openpty()
     # A terminal 100 columns wide: a new pty has 0, and tqdm then draws nothing.
@@ -484,7 +484,7 @@ def test_pip_install_editable_then_import_from_anywhere(tmp_path: Path) -> None:
     assert install.returncode == 0, install.stdout + install.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import chatglm3, chatglm3.engine, importlib.util as u; print(chatglm3.__file__); "
+    code = ("import chatglm3, chatglm3.engine.engine, importlib.util as u; print(chatglm3.__file__); "
             "print([m for m in ('bench', 'tests', 'scripts', 'predict') if u.find_spec(m)])")
     check = subprocess.run([str(py), "-c", code], env=env, cwd=elsewhere, capture_output=True,
                            text=True, timeout=120)

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from chatglm3.messages import build_messages
+from chatglm3.text.messages import build_messages
 
 from cogserver import Server, _call, _create, _sse, running_server
 from conftest import ROOT, TINY_CKPT

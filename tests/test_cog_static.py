@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from chatglm3 import messages, params
-from chatglm3.engine import DEFAULT_MAX_BATCH
+from chatglm3 import params
+from chatglm3.text import messages
+from chatglm3.engine.engine import DEFAULT_MAX_BATCH
 
 from conftest import ROOT
 

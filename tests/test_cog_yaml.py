@@ -116,7 +116,7 @@ def test_dockerignore_keeps_local_work_out() -> None:
                  ".gl/x.deb", ".git/HEAD", ".ci/run", "bench/gpu_run", "docs/webchat.png",
                  "test-artifacts/webchat.png"):
         assert ignored(path), path
-    for path in ("predict.py", "chatglm3/engine.py", "cog.yaml", "requirements-image.txt",
+    for path in ("predict.py", "chatglm3/engine/engine.py", "cog.yaml", "requirements-image.txt",
                  ".cog/openapi_schema.json", "weights/README.md",
                  "chatglm3/webchat/static/app.js"):
         assert not ignored(path), path

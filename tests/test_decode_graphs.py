@@ -14,9 +14,9 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chatglm3.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, read_buckets
-from chatglm3.engine import PREFILL_CHUNK, Engine
-from chatglm3.kv_rows import KVRows
+from chatglm3.model.decode_graphs import MIN_READ, FixedShapeDecoder, batch_buckets, read_buckets
+from chatglm3.engine.engine import PREFILL_CHUNK, Engine
+from chatglm3.model.kv_rows import KVRows
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
 
@@ -137,7 +137,7 @@ def test_fixed_step_has_no_host_round_trips(tiny_model_fp32) -> None:
 
 
 def test_public_decode_steps_leave_out_the_test_mode(tiny_model_fp32, tokenizer) -> None:
-    from chatglm3.engine import DECODE_STEPS
+    from chatglm3.engine.engine import DECODE_STEPS
 
     assert DECODE_STEPS == ("auto", "eager", "graphs")
     with pytest.raises(ValueError, match=r"one of auto, eager, graphs, got 'fast'"):

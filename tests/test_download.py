@@ -1,4 +1,4 @@
-"""chatglm3.download against a fake hub on 127.0.0.1 (tests/fakehub.py), with injected faults."""
+"""chatglm3.weights.download against a fake hub on 127.0.0.1 (tests/fakehub.py), with injected faults."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from filelock import FileLock
 from huggingface_hub._local_folder import get_local_download_paths
 from safetensors.torch import load_file, save_file
 
-from chatglm3 import transfer
-from chatglm3.checkpoint import CheckpointError, load_model
-from chatglm3.download import (DEFAULT_REPO, DEFAULT_REVISION, WeightsError, resolve_weights,
+from chatglm3.weights import transfer
+from chatglm3.weights.checkpoint import CheckpointError, load_model
+from chatglm3.weights.download import (DEFAULT_REPO, DEFAULT_REVISION, WeightsError, resolve_weights,
                                verify_checkpoint_files)
 from conftest import TINY_CKPT, convert_to_safetensors
 from fakehub import FakeHub, Fault
@@ -502,7 +502,7 @@ def test_the_download_folder_given_by_name_is_fetched_into(hub, tmp_path):
 
 
 def test_the_tokenizer_alone_is_fetched_for_encode(hub, tmp_path):
-    from chatglm3.download import resolve_tokenizer
+    from chatglm3.weights.download import resolve_tokenizer
 
     dest = tmp_path / "w"
     assert resolve_tokenizer(None, dest=dest, progress=False) == dest
@@ -519,7 +519,7 @@ def test_the_tokenizer_alone_is_fetched_for_encode(hub, tmp_path):
 
 def test_engine_from_pretrained_takes_what_the_cli_takes(hub, tmp_path, monkeypatch):
     """None: the official weights, fetched into the weights folder first; a hub repo id too."""
-    from chatglm3.engine import Engine
+    from chatglm3.engine.engine import Engine
     from chatglm3.params import SamplingParams
 
     monkeypatch.setenv("CHATGLM3_WEIGHTS_DIR", str(tmp_path / "w"))

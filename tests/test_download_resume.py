@@ -1,4 +1,4 @@
-"""chatglm3.download: resuming, parallel ranges, stalls, Ctrl-C, and what a new user is told.
+"""chatglm3.weights.download: resuming, parallel ranges, stalls, Ctrl-C, and what a new user is told.
 
 Against the fake hub (tests/fakehub.py), counting the requests and the bytes it sent.
 """
@@ -18,8 +18,9 @@ import huggingface_hub.constants
 import huggingface_hub.file_download
 import pytest
 
-from chatglm3 import tar_download, transfer
-from chatglm3.download import WeightsError, resolve_weights
+from chatglm3.weights import tar_download
+from chatglm3.weights import transfer
+from chatglm3.weights.download import WeightsError, resolve_weights
 from conftest import ROOT, TINY_CKPT
 from fakehub import FakeHub, Fault
 from test_download import SHARD1, SHARD2, _env, _tar, assert_same_files, no_network  # noqa: F401
@@ -213,7 +214,7 @@ def test_a_bar_on_a_terminal(hub, tmp_path, capsys, monkeypatch):
 
 CHILD = textwrap.dedent("""
     import sys
-    from chatglm3.download import resolve_weights
+    from chatglm3.weights.download import resolve_weights
     try:
         resolve_weights(sys.argv[1], dest=sys.argv[2])
     except KeyboardInterrupt:

@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from chatglm3.engine import Engine, PromptTooLong
-from chatglm3.messages import build_messages
+from chatglm3.engine.engine import Engine, PromptTooLong
+from chatglm3.text.messages import build_messages
 from chatglm3.params import SamplingParams, SettingsError
 from conftest import assert_official_greedy
 
@@ -348,7 +348,7 @@ def test_prefill_beside_decoding_runs_in_budget_chunks(tiny_model_fp32, no_stop_
     whole chunks; either way its tokens are those of whole-chunk scheduling."""
     from transformers import DynamicCache
 
-    from chatglm3.packed_step import PackedStep
+    from chatglm3.model.packed_step import PackedStep
 
     rng = random.Random(4)
     long = [rng.randrange(100, 60000) for _ in range(2000)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatglm3.messages import HistoryError, build_messages, parse_history
+from chatglm3.text.messages import HistoryError, build_messages, parse_history
 
 
 @pytest.mark.parametrize(

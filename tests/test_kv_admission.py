@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from chatglm3.engine import Engine, RequestTooLarge
-from chatglm3.kv_rows import KVBudgetError
+from chatglm3.engine.engine import Engine, RequestTooLarge
+from chatglm3.model.kv_rows import KVBudgetError
 from chatglm3.params import SamplingParams
 from conftest import assert_official_greedy
 
@@ -162,7 +162,7 @@ def test_gpu_plan_measures_the_worst_prefill_chunk(tiny_model_fp32, tokenizer, m
     takes its peak as the activation bytes, and plans from the free memory it then reads."""
     from transformers import DynamicCache
 
-    from chatglm3.kv_rows import plan_kv
+    from chatglm3.model.kv_rows import plan_kv
 
     engine = Engine(tiny_model_fp32, tokenizer)
     engine.context = 4096  # the same chunk arithmetic as 32,768, quicker

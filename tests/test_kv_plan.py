@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatglm3.kv_rows import (
+from chatglm3.model.kv_rows import (
     GRANULARITY,
     KVBudgetError,
     KVPlan,

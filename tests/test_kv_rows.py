@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import chatglm3.kv_rows as kv_rows
-from chatglm3.kv_rows import KVRows
+import chatglm3.model.kv_rows as kv_rows
+from chatglm3.model.kv_rows import KVRows
 
 
 def rows_for(model, **kwargs) -> KVRows:

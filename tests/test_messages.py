@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatglm3.messages import (
+from chatglm3.text.messages import (
     MAX_HISTORY_CHARS, MAX_HISTORY_DEPTH, HistoryError, build_messages, check_text, parse_history,
 )
-from chatglm3.tokenizer import ChatGLMTokenizer, Message
+from chatglm3.text.tokenizer import ChatGLMTokenizer, Message
 
 DEEP = 100_000
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatglm3.engine import Engine, OutOfMemory
-from chatglm3.kv_rows import KVRows
-from chatglm3.packed_step import PackedStep
+from chatglm3.engine.engine import Engine, OutOfMemory
+from chatglm3.model.kv_rows import KVRows
+from chatglm3.model.packed_step import PackedStep
 from chatglm3.params import SamplingParams
 
 pytestmark = pytest.mark.slow  # long prompts

@@ -118,7 +118,7 @@ def test_prompt_logprobs_on_both_routes(server, tiny_model_fp32, tokenizer) -> N
     status, body = post(server, "/v1/chat/completions", {
         "model": MODEL, "messages": messages, "max_tokens": 1, "prompt_logprobs": 2})
     assert status == 200, body
-    from chatglm3.tokenizer import Message
+    from chatglm3.text.tokenizer import Message
 
     ids = tokenizer.build_chat_input([Message("user", "What is 2+2?")])
     entries = body["prompt_logprobs"]
@@ -267,9 +267,9 @@ def test_lm_eval_chat_generation_gives_the_models_answers(server, tasks, tiny_mo
                                                           tokenizer, monkeypatch) -> None:
     """`lm-eval --model local-chat-completions --apply_chat_template` with a generation task:
     each answer is the engine's own greedy answer (8 tokens, cut at a blank line)."""
-    from chatglm3.engine import Engine
+    from chatglm3.engine.engine import Engine
     from chatglm3.params import SamplingParams
-    from chatglm3.tokenizer import Message
+    from chatglm3.text.tokenizer import Message
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     samples = lm_eval_samples(server, tasks, "glm_generation", "local-chat-completions",

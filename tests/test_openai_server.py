@@ -176,7 +176,7 @@ def test_logprobs_greedy_first_sorted_and_streamed_alike(client) -> None:
 
 
 def test_completions_continue_plain_text(server, client) -> None:
-    from chatglm3.engine import Engine
+    from chatglm3.engine.engine import Engine
     from chatglm3.params import SamplingParams
 
     prompt = "The capital of France is"
@@ -318,7 +318,7 @@ def test_unknown_fields_are_ignored_and_user_accepted(client) -> None:
 def test_tokenize_gives_the_ids_each_route_runs(server, client) -> None:
     """/tokenize (vLLM's shape): a prompt's ids are those /v1/completions runs (same answer
     from them as from the text), chat messages' those /v1/chat/completions runs."""
-    from chatglm3.tokenizer import SPECIAL_IDS
+    from chatglm3.text.tokenizer import SPECIAL_IDS
 
     text = "Once upon a time, 从前有座山 😀"
     status, _, body = server.request("POST", "/tokenize", {"model": MODEL, "prompt": text})

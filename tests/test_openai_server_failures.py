@@ -16,8 +16,8 @@ import uvicorn
 from transformers import DynamicCache
 
 from chatglm3.api.app import ServerConfig, create_app
-from chatglm3.engine import Engine
-from chatglm3.kv_rows import KVRows
+from chatglm3.engine.engine import Engine
+from chatglm3.model.kv_rows import KVRows
 from test_oom import FailOnce
 
 pytestmark = pytest.mark.slow  # a server

@@ -1,4 +1,4 @@
-"""CPU linear layers packed once for oneDNN (chatglm3/packed_linear.py): the same products as
+"""CPU linear layers packed once for oneDNN (chatglm3/model/packed_linear.py): the same products as
 plain nn.Linear, every plain layer of a loaded model packed, and no packing where it is not
 meant to happen."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatglm3.checkpoint import load_model
-from chatglm3.packed_linear import (PackedLinear, layers_summary, pack_linears, packing_works,
+from chatglm3.weights.checkpoint import load_model
+from chatglm3.model.packed_linear import (PackedLinear, layers_summary, pack_linears, packing_works,
                                     packs)
-from chatglm3.qlinear import native_bf16_matmul
+from chatglm3.model.qlinear import native_bf16_matmul
 
 from conftest import TINY_CKPT
 
@@ -72,7 +72,7 @@ def test_no_packing_where_it_does_not_belong() -> None:
 @pytest.mark.shared
 def test_quantized_layers_are_left_alone() -> None:
     model = load_model(TINY_CKPT, "cpu", torch.bfloat16, quantize="int8")
-    from chatglm3.qlinear import Int8Linear
+    from chatglm3.model.qlinear import Int8Linear
 
     assert sum(isinstance(m, Int8Linear) for m in model.modules()) >= 12
     assert layers_summary(model).startswith("int8 layers")

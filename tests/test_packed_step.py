@@ -1,4 +1,4 @@
-"""Packed steps (chatglm3/packed_step.py): on a CPU, requests that arrive together prefill in
+"""Packed steps (chatglm3/model/packed_step.py): on a CPU, requests that arrive together prefill in
 one forward pass, and a prompt's chunk shares its pass with the running requests' decoding
 tokens. Each request's tokens and log-probabilities are those it gets alone; failures and
 cancellations stay with the requests they concern."""
@@ -14,12 +14,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatglm3.engine import Engine
-from chatglm3.kv_rows import KVRows
-from chatglm3.packed_step import PackedStep
+from chatglm3.engine.engine import Engine
+from chatglm3.model.kv_rows import KVRows
+from chatglm3.model.packed_step import PackedStep
 from chatglm3.params import SamplingParams
-from chatglm3.rows import RowAllocator
-from chatglm3.scheduler import Request, Scheduler
+from chatglm3.engine.rows import RowAllocator
+from chatglm3.engine.scheduler import Request, Scheduler
 
 GREEDY = dict(temperature=0.0)
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from chatglm3.engine import Engine, PromptTooLong
+from chatglm3.engine.engine import Engine, PromptTooLong
 from predict import Predictor
 
 pytestmark = pytest.mark.shared

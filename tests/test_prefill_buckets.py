@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-import chatglm3.model_runner as engine_module
-from chatglm3.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine, prefill_bucket
+import chatglm3.model.model_runner as engine_module
+from chatglm3.engine.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine, prefill_bucket
 from chatglm3.params import SamplingParams
 
 from conftest import GOLDEN

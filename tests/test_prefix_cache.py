@@ -15,11 +15,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from chatglm3.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine
-from chatglm3.messages import build_messages
+from chatglm3.engine.engine import PREFILL_BUCKETS, PREFILL_CHUNK, Engine
+from chatglm3.text.messages import build_messages
 from chatglm3.params import SamplingParams
-from chatglm3.prefix_cache import ALIGN, PrefixCache, as_ids, common_prefix
-from chatglm3.tokenizer import Message
+from chatglm3.engine.prefix_cache import ALIGN, PrefixCache, as_ids, common_prefix
+from chatglm3.text.tokenizer import Message
 from conftest import consume_together
 
 pytestmark = pytest.mark.slow  # long prompts
@@ -471,7 +471,7 @@ def test_env_switch(monkeypatch) -> None:
         seen.update(kwargs)
         raise Stop
 
-    from chatglm3.engine import Engine
+    from chatglm3.engine.engine import Engine
 
     monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
     monkeypatch.setattr(predict.coglet_cancel, "install", lambda: None)

@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from chatglm3.engine import Engine
+from chatglm3.engine.engine import Engine
 from chatglm3.params import MAX_LOGPROBS, SamplingParams, SettingsError
-from chatglm3.sampling import SCORE_ROWS, prompt_logprobs
+from chatglm3.model.sampling import SCORE_ROWS, prompt_logprobs
 from chatglm3.settings import PREFILL_CHUNK
 
 from test_packed_step import Passes, held
@@ -61,6 +61,7 @@ def assert_scores(entries, ids: list[int], lp: torch.Tensor, k: int) -> None:
         assert [v for _, v in e.top] == pytest.approx(values.tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_scores_equal_one_forward_pass_over_the_whole_prompt(engine: Engine) -> None:
     """A prompt over two chunks: the chunk boundary's token is scored by the previous chunk's
     last position; the sum matches to 1e-4 and the answer is the unscored one."""

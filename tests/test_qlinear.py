@@ -1,4 +1,4 @@
-"""The quantized CPU linear layers (chatglm3/qlinear.py): the kernel for few rows, the weights
+"""The quantized CPU linear layers (chatglm3/model/qlinear.py): the kernel for few rows, the weights
 widened block by block for many, the same products either way, and aten's int4 packing read
 back on every CPU capability torch dispatches to."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import chatglm3.qlinear as L
-from chatglm3.quantize import int4_cpu_weight
+import chatglm3.model.qlinear as L
+from chatglm3.model.quantize import int4_cpu_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_an_unknown_int4_packing_falls_back_to_the_kernel(monkeypatch, caplog) -
     monkeypatch.setattr(L, "int4_packing", lambda: (block, not halves))
     _, _, int4 = _layers(64 * 3, 256, torch.float32)
     taken = _paths(monkeypatch, int4)
-    with caplog.at_level("WARNING", logger="chatglm3.qlinear"):
+    with caplog.at_level("WARNING", logger="chatglm3.model.qlinear"):
         assert not L.int4_unpack_works()
         int4(torch.randn(300, 256))
     assert set(taken) == {"kernel"}
@@ -151,8 +151,8 @@ def test_int4_packing_is_read_on_every_cpu_capability(capability: str) -> None:
     32 in halves on AVX2, 32 in pairs in the scalar build): forced with ATEN_CPU_CAPABILITY,
     each is read back exactly (the self-check) and the widened product matches the kernel's."""
     code = (
-        "import torch, chatglm3.qlinear as L\n"
-        "from chatglm3.quantize import int4_cpu_weight\n"
+        "import torch, chatglm3.model.qlinear as L\n"
+        "from chatglm3.model.quantize import int4_cpu_weight\n"
         "print(torch.backends.cpu.get_cpu_capability(), L.int4_unpack_works())\n"
         "w = torch.randn(64 * 3 + 32, 256, dtype=torch.bfloat16)\n"
         "layer = L.Int4Linear.from_weight(int4_cpu_weight(w), None)\n"
@@ -172,7 +172,7 @@ def test_int4_packing_is_read_on_every_cpu_capability(capability: str) -> None:
 def test_the_setup_line_says_how_the_layers_multiply(monkeypatch) -> None:
     """summary(model): the setup log's line, from the layers the model really has and its
     compute dtype; none for an unquantized model."""
-    from chatglm3.checkpoint import load_model
+    from chatglm3.weights.checkpoint import load_model
     from conftest import TINY_CKPT
 
     assert L.summary(load_model(TINY_CKPT, "cpu", torch.bfloat16)) is None

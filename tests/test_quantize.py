@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 quantization (chatglm3/quantize.py): each mode loads, generates,
+"""Weight-only int8/int4 quantization (chatglm3/model/quantize.py): each mode loads, generates,
 streams, batches, cancels, reuses the prefix cache and passes the fixed-shape self-check on the
 tiny checkpoint; its output stays within a stated distance of the official fp32 logits; the KV
 planner gives the smaller weights' memory to rows; loading keeps its peak to the quantized
@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load_file
 
 from chatglm3 import settings
-from chatglm3.checkpoint import load_model
-from chatglm3.engine import Engine
-from chatglm3.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
-from chatglm3.messages import build_messages
+from chatglm3.weights.checkpoint import load_model
+from chatglm3.engine.engine import Engine
+from chatglm3.model.kv_rows import KVBudgetError, kv_bytes_per_token, plan_kv
+from chatglm3.text.messages import build_messages
 from chatglm3.params import SamplingParams
-from chatglm3.qlinear import Int4Linear, Int8Linear
-from chatglm3.quantize import INT4_GROUP_SIZE, MODES, check_mode, weight_bytes
+from chatglm3.model.qlinear import Int4Linear, Int8Linear
+from chatglm3.model.quantize import INT4_GROUP_SIZE, MODES, check_mode, weight_bytes
 import test_engine
 from conftest import GOLDEN, ROOT, TINY_CKPT, consume_together
 from test_engine import (  # noqa: F401 - collected here, run on this module's engines
@@ -143,7 +143,7 @@ def test_int4_packed_in_row_blocks_is_the_whole_packing(monkeypatch, rows: int) 
     """int4_cpu_weight packs a few rows at a time (less memory while loading): the pieces, the
     last one shorter, join into exactly what torchao's int4 CPU config makes of the whole
     weight, and the layer computes exactly the same."""
-    import chatglm3.quantize as Q
+    import chatglm3.model.quantize as Q
 
     with Q._quiet_torchao_import():
         from torchao.prototype.quantization.int4.inference_workflow import (
@@ -326,8 +326,8 @@ def test_24_gb_card_plans_more_rows_when_quantized() -> None:
 
 PEAK_SCRIPT = """
 import json, re, sys, torch
-from chatglm3.checkpoint import load_model
-from chatglm3.quantize import import_torchao, weight_bytes
+from chatglm3.weights.checkpoint import load_model
+from chatglm3.model.quantize import import_torchao, weight_bytes
 import_torchao()  # its imports: before the baseline
 def status(key):
     return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024

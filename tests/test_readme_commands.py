@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from chatglm3.download import DEFAULT_REPO, DEFAULT_REVISION
+from chatglm3.weights.download import DEFAULT_REPO, DEFAULT_REVISION
 from cogserver import _call, wait_settled
 from conftest import ROOT, TINY_CKPT
 from fakehub import FakeHub

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from chatglm3.prefix_cache import ALIGN
-from chatglm3.rows import Move, RowAllocator
+from chatglm3.engine.prefix_cache import ALIGN
+from chatglm3.engine.rows import Move, RowAllocator
 
 
 class Req:

@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 )
 
 from chatglm3.params import GREEDY_BELOW_TEMPERATURE, SamplingParams
-from chatglm3.sampling import RequestSampling, kept_tokens, pick
+from chatglm3.model.sampling import RequestSampling, kept_tokens, pick
 
 VOCAB = 12
 LOGITS = torch.tensor([2.0, 1.5, 1.4, 1.0, 0.5, 0.3, 0.0, -0.5, -1.0, -2.0, -3.0, 0.9])

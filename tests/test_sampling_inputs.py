@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatglm3.engine import Engine
+from chatglm3.engine.engine import Engine
 from chatglm3.params import SamplingParams, SettingsError
-from chatglm3.sampling import RequestSampling, pick
+from chatglm3.model.sampling import RequestSampling, pick
 from conftest import consume_together
 
 GREEDY = dict(temperature=0.0)

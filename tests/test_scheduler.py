@@ -3,8 +3,8 @@ chunk prefills, the token budget while others decode, cancellation, explicit sta
 
 from __future__ import annotations
 
-from chatglm3.rows import RowAllocator
-from chatglm3.scheduler import Request, Scheduler, Status
+from chatglm3.engine.rows import RowAllocator
+from chatglm3.engine.scheduler import Request, Scheduler, Status
 
 
 def make(max_batch: int = 2, chunk: int = 100, budget: int | None = None) -> Scheduler:
@@ -83,6 +83,6 @@ def test_scheduler_and_rows_import_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, chatglm3.scheduler, chatglm3.rows; "
+    code = ("import sys, chatglm3.engine.scheduler, chatglm3.engine.rows; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

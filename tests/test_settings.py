@@ -61,7 +61,7 @@ def test_flags_come_from_the_same_definitions() -> None:
 
 
 def test_every_setting_reaches_the_engine() -> None:
-    from chatglm3.engine import Engine
+    from chatglm3.engine.engine import Engine
 
     accepted = set(inspect.signature(Engine.__init__).parameters) | set(
         inspect.signature(Engine.from_pretrained).parameters)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatglm3.streaming import IncrementalDetokenizer, StopMatcher
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.text.streaming import IncrementalDetokenizer, StopMatcher
+from chatglm3.text.tokenizer import ChatGLMTokenizer
 
 FFFD = "\ufffd"
 BYTE0 = 3  # id of <0x00>; byte b is id BYTE0 + b

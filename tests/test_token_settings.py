@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatglm3.engine import Engine
+from chatglm3.engine.engine import Engine
 from chatglm3.errors import InputError
 from chatglm3.params import SamplingParams
 

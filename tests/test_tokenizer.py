@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatglm3.messages import build_messages, parse_history
-from chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, Message
+from chatglm3.text.messages import build_messages, parse_history
+from chatglm3.text.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer, Message
 from conftest import GOLDEN, TOKENIZER_MODEL
 
 pytestmark = pytest.mark.shared
@@ -133,7 +133,7 @@ def test_min_chat_tokens_is_tight_for_the_longest_pieces(tokenizer: ChatGLMToken
 
 def test_stop_ids_are_the_official_stop_tokens(tokenizer: ChatGLMTokenizer) -> None:
     """One source: the tokenizer's constants, checked against the real tokenizer.model."""
-    from chatglm3.tokenizer import STOP_IDS
+    from chatglm3.text.tokenizer import STOP_IDS
 
     assert tokenizer.stop_ids == STOP_IDS == {tokenizer.sp.piece_to_id("</s>"),
                                               tokenizer.special_ids["<|user|>"],

@@ -30,8 +30,8 @@ from starlette.routing import Route
 
 from .. import webchat
 from ..errors import PromptTooLong, RequestTooLarge
-from ..output import Generation, GenerationResult
-from ..scheduler import Request as EngineRequest
+from ..engine.output import Generation, GenerationResult
+from ..engine.scheduler import Request as EngineRequest
 from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
 from .responses import FINISH_REASONS, Echo, LogprobWriter, new_id, now, timings, usage
@@ -56,7 +56,7 @@ class ServerConfig:
 
 
 def create_app(engine, config: ServerConfig = ServerConfig()) -> Starlette:
-    """The application serving `engine` (a chatglm3.engine.Engine)."""
+    """The application serving `engine` (a chatglm3.engine.engine.Engine)."""
     api = Api(engine, config)
     routes = [
         Route("/health", api.health, methods=["GET"]),

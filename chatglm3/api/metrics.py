@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..output import GenerationResult
+from ..engine.output import GenerationResult
 from .responses import FINISH_REASONS
 
 # vLLM's buckets (seconds), so its dashboards' quantiles mean the same here.

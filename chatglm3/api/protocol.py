@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
+from ..text.messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
 from ..params import BY_NAME, FIELDS, MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
-from ..tokenizer import Message
+from ..text.tokenizer import Message
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
 # most (32,768 tokens of at most 16 characters), 12 JSON bytes per character in the worst escape

@@ -7,10 +7,10 @@ import time
 import uuid
 from typing import Sequence
 
-from ..output import GenerationResult
-from ..sampling import TokenLogprob
-from ..streaming import IncrementalDetokenizer
-from ..tokenizer import ChatGLMTokenizer
+from ..engine.output import GenerationResult
+from ..model.sampling import TokenLogprob
+from ..text.streaming import IncrementalDetokenizer
+from ..text.tokenizer import ChatGLMTokenizer
 
 # Our stop reasons -> OpenAI's finish_reason (cancelled requests send nothing: their client left).
 FINISH_REASONS = {"stop_token": "stop", "stop_sequence": "stop", "max_tokens": "length"}

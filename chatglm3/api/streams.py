@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from ..errors import OutOfMemory
-from ..output import Generation, GenerationResult, merge
+from ..engine.output import Generation, GenerationResult, merge
 from .protocol import ApiError
 
 log = logging.getLogger("chatglm3.api.app")

@@ -24,9 +24,9 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
 
-from .sampling import TokenLogprob
-from .streaming import IncrementalDetokenizer, StopMatcher
-from .tokenizer import ChatGLMTokenizer
+from ..model.sampling import TokenLogprob
+from ..text.streaming import IncrementalDetokenizer, StopMatcher
+from ..text.tokenizer import ChatGLMTokenizer
 
 if TYPE_CHECKING:
     from .scheduler import Request

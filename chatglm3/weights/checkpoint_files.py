@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from .errors import SetupError
+from ..errors import SetupError
 
 
 class WeightsError(SetupError):

@@ -19,23 +19,23 @@ from typing import Callable, Sequence
 
 import torch
 
-from .checkpoint import load_model
-from .devices import resolve_device, resolve_dtype
-from .errors import InputError, OutOfMemory, PromptTooLong, RequestTooLarge
-from .kv_rows import KVPlan
-from .openmp import in_passing_thread
-from .model_runner import (DECODE_STEPS, PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner,
+from ..weights.checkpoint import load_model
+from ..devices import resolve_device, resolve_dtype
+from ..errors import InputError, OutOfMemory, PromptTooLong, RequestTooLarge
+from ..model.kv_rows import KVPlan
+from ..openmp import in_passing_thread
+from ..model.model_runner import (DECODE_STEPS, PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner,
                            prefill_bucket)
 from .output import Generation, GenerationResult, OutputProcessor, OutputStream
-from .params import SamplingParams
-from .quantize import compute_dtype, model_mode, weight_bytes
+from ..params import SamplingParams
+from ..model.quantize import compute_dtype, model_mode, weight_bytes
 from .rows import RowAllocator
-from .sampling import RequestSampling
+from ..model.sampling import RequestSampling
 from .scheduler import Request, Scheduler
 from .steps import Steps
-from .settings import DEFAULT_MAX_BATCH, PREFILL_BUDGET
-from .tokenizer import ChatGLMTokenizer, Message
-from .warmup import WarmUp, warm_up
+from ..settings import DEFAULT_MAX_BATCH, PREFILL_BUDGET
+from ..text.tokenizer import ChatGLMTokenizer, Message
+from ..model.warmup import WarmUp, warm_up
 
 __all__ = ["DECODE_STEPS", "DEFAULT_MAX_BATCH", "Engine", "EngineStats", "Generation",
            "GenerationResult", "OutOfMemory", "PREFILL_BUCKETS", "PREFILL_CHUNK",
@@ -46,7 +46,7 @@ __all__ = ["DECODE_STEPS", "DEFAULT_MAX_BATCH", "Engine", "EngineStats", "Genera
 # the input with each entry (numpy, ~30 us per 32k-id entry).
 MAX_PREFIX_ROWS = 256
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("chatglm3.engine")  # the engine's log: what operators watch
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ class Engine:
         current directory), None for the official 32k weights (fetched into the repository's
         weights/ if not there yet), a hub repo id "owner/name[@revision]", or the https URL of
         a .tar/.tar.gz. The device is checked before anything is fetched."""
-        from .download import resolve_weights
-        from .quantize import check_mode
+        from ..weights.download import resolve_weights
+        from ..model.quantize import check_mode
 
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         dt = compute_dtype(check_mode(quantize), dev, resolve_dtype(dtype, dev))

@@ -17,13 +17,13 @@ from transformers import DynamicCache
 
 from .decode_graphs import FixedShapeDecoder, decode_logits
 from .kv_rows import KVPlan, KVRows, kv_bytes_per_token, plan_kv, plan_rows
-from .host_memory import release_freed_memory
+from ..host_memory import release_freed_memory
 from .packed_step import PackedStep, Segment
-from .rows import Move
+from ..engine.rows import Move
 from .sampling import pick, prompt_logprobs, token_logprobs
-from .scheduler import PrefillChunk, Request
+from ..engine.scheduler import PrefillChunk, Request
 
-from .settings import DECODE_STEPS, PREFILL_CHUNK
+from ..settings import DECODE_STEPS, PREFILL_CHUNK
 from .step_outputs import ChunkOutput, FirstToken, PackedOutput, StepOutput
 
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .rows import Move, RowAllocator
 
 if TYPE_CHECKING:  # sampling.py needs torch; this module must not
-    from .sampling import RequestSampling
+    from ..model.sampling import RequestSampling
 
 
 class Status(enum.Enum):

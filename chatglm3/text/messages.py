@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import HistoryError, check_text
+from ..errors import HistoryError, check_text
 from .tokenizer import ROLES, Message
 
 MESSAGE_KEYS = {"role", "content", "metadata", "tools"}

@@ -25,7 +25,7 @@ from collections import deque
 from itertools import islice
 from typing import Sequence
 
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.text.tokenizer import ChatGLMTokenizer
 
 REPLACEMENT = "\ufffd"
 # Longest proper prefix of a UTF-8 sequence: the lead byte of a 4-byte character plus two

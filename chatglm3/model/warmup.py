@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from .decode_graphs import decode_logits
 from .kv_rows import KVPlan
 from .model_runner import PREFILL_BUCKETS, PREFILL_CHUNK, ModelRunner
-from .tokenizer import ChatGLMTokenizer, Message
+from ..text.tokenizer import ChatGLMTokenizer, Message
 
 log = logging.getLogger("chatglm3.engine")  # the engine's log: what operators watch
 

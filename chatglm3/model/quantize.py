@@ -46,7 +46,7 @@ from typing import Iterator
 
 import torch
 
-from .host_memory import release_freed_memory
+from ..host_memory import release_freed_memory
 from .qlinear import Int4Linear, Int8Linear
 
 MODES = ("none", "int8", "int4")

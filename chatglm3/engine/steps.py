@@ -12,12 +12,12 @@ import logging
 
 import torch
 
-from .errors import OutOfMemory
-from .model_runner import ModelRunner
+from ..errors import OutOfMemory
+from ..model.model_runner import ModelRunner
 from .output import OutputProcessor
 from .rows import RowAllocator
 from .scheduler import PrefillChunk, Request, Scheduler, StepPlan
-from .step_outputs import ChunkOutput, StepOutput
+from ..model.step_outputs import ChunkOutput, StepOutput
 
 log = logging.getLogger("chatglm3.engine")
 

@@ -19,14 +19,14 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
-from .attention import IMPLEMENTATION as ATTENTION
+from ..model.attention import IMPLEMENTATION as ATTENTION
 from .checkpoint_files import LAYOUTS
-from .errors import SetupError
-from .host_memory import process_library
-from .openmp import in_passing_thread
-from .packed_linear import pack_linears
-from .quantize import Quantizer
-from .tokenizer import STOP_IDS
+from ..errors import SetupError
+from ..host_memory import process_library
+from ..openmp import in_passing_thread
+from ..model.packed_linear import pack_linears
+from ..model.quantize import Quantizer
+from ..text.tokenizer import STOP_IDS
 
 
 class CheckpointError(SetupError):
@@ -194,7 +194,7 @@ def load_model(
     """Builds the model empty, then fills it one shard at a time on `device` in `dtype`, on a
     thread of its own (openmp.in_passing_thread says why).
     `progress`: report each shard on stderr as it loads (see `_shards_with_progress`).
-    `quantize`: none | int8 | int4 (chatglm3/quantize.py): each linear layer is quantized as
+    `quantize`: none | int8 | int4 (chatglm3/model/quantize.py): each linear layer is quantized as
     soon as its weight is loaded, so no more than one unquantized tensor exists at a time."""
     return in_passing_thread(  # type: ignore[return-value]
         lambda: _load_model(model_dir, device, dtype, progress, quantize))

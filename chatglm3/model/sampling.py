@@ -34,7 +34,7 @@ from typing import Iterable, NamedTuple, Sequence
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from .params import MAX_SEED, SamplingParams
+from ..params import MAX_SEED, SamplingParams
 
 
 class RequestSampling:

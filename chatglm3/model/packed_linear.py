@@ -21,7 +21,7 @@ import logging
 import torch
 
 from .qlinear import native_bf16_matmul, summary
-from .host_memory import release_freed_memory
+from ..host_memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
