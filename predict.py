@@ -4,7 +4,7 @@ lives in `chatglm3/`); it maps inputs, streams the engine's text deltas and reco
 `cog build` writes the input schema with a static parser that never imports this file (cog
 0.23.1, pkg/schema/python/): it reads only literals (and module constants bound to one plain
 literal), strings as the raw text between their quotes. So every value below is spelled out,
-although chatglm3.params holds the same ones: tests/test_cog_static.py keeps them equal.
+although chatglm3.params holds the same ones: tests/cog/test_cog_static.py keeps them equal.
 run() is a coroutine returning a plain generator: concurrency needs an async run(), coglet
 0.23.1 streams only plain generators; chatglm3.coglet_cancel says how cancel reaches the engine.
 Environment: COG_WEIGHTS (Cog's setup(weights=...)), the load-time settings of

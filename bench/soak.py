@@ -1,7 +1,7 @@
 """Soak benchmark: memory and latency of the real Cog server over many distinct prompt lengths.
 
 Starts `python -m cog.server.http` on predict.py (as the image does, and as
-tests/test_cog_server.py does) on CPU in bfloat16, runs N greedy predictions one after another,
+tests/cog/test_cog_server.py does) on CPU in bfloat16, runs N greedy predictions one after another,
 each with a prompt of a length not seen before, and samples the RSS of the server's process tree
 and of its worker (the process running the model) after every one. A bf16 CPU server once grew
 from 843 MB to 1.8 GB over 400 such predictions (one oneDNN state per new input shape); the

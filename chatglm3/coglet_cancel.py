@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 log = logging.getLogger(__name__)
 
 # The coglet version whose submit/cancel path this was read against and tested with
-# (tests/test_cog_server.py runs it; a test checks the installed version equals this).
+# (tests/cog/test_cog_server.py runs it; a test checks the installed version equals this).
 CHECKED_COGLET = "0.23.1"
 
 _HOOKS: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(

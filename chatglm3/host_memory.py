@@ -20,7 +20,7 @@ def release_freed_memory() -> None:
     """Hands freed heap memory back to the system. Quantizing frees each layer's unquantized
     copy right after packing it; with glibc, copies under its mmap threshold (up to 32 MB)
     stay in the heap, fragmented, and the load's memory ends well above its weights'
-    (docs/benchmarks.md; tests/test_quantize.py bounds it): malloc_trim. Under
+    (docs/benchmarks.md; tests/model/test_quantize.py bounds it): malloc_trim. Under
     TCMalloc (scripts/run preloads it where installed) its own call does the same. A no-op
     with neither."""
     process = process_library()
@@ -38,7 +38,7 @@ def one_malloc_arena() -> None:
     """glibc: threads started from now on allocate from the arenas that exist, not one of their
     own each. Why: setup work runs on threads that end (openmp.in_passing_thread), and what
     such a thread frees stays fragmented in its arena after it ends: an int4 load kept 1.37x its
-    weights' RSS instead of under 1.3x (tests/test_quantize.py). Harmless with TCMalloc, whose
+    weights' RSS instead of under 1.3x (tests/model/test_quantize.py). Harmless with TCMalloc, whose
     mallopt does nothing; a no-op where there is no mallopt."""
     process = process_library()
     fn = getattr(process, "mallopt", None) if process is not None else None

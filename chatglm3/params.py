@@ -2,7 +2,7 @@
 the names the OpenAI API reads it under. Everything else is derived from the declarations:
 `SamplingParams`' checks and messages, the CLI's flags and --help (cli_args.py), the OpenAI
 request parsing (api/protocol.py) and the chat page's controls (webchat). predict.py repeats
-them as literals (cog build's parser reads only literals) and tests/test_cog_static.py keeps
+them as literals (cog build's parser reads only literals) and tests/cog/test_cog_static.py keeps
 them equal. A leaf module: no heavy import (the CLI checks flags before loading anything).
 
 Adding a plain numeric setting: one `Field` here, a dataclass field on `SamplingParams`, its

@@ -1,5 +1,10 @@
 """Shared test fixtures: paths into ../shared and the real ChatGLM3 tokenizer; the test tiers.
 
+Layout: the folders mirror the package (engine/, model/, weights/, text/) and its doors (api/,
+webchat/, cli/, cog/); tests of the whole package (architecture, packaging, README commands,
+settings) sit at the top; helpers/ holds what tests share and is not a test (server launchers,
+the fake hub, injected faults), imported as `helpers.NAME` (this folder is on sys.path).
+
 Tiers: `scripts/test` runs everything (what CI runs); `scripts/test -m "not slow"` is the fast
 tier for the edit-test loop (unit and golden tests: no server, no subprocess, no long prompt).
 Each slow test, or module (`pytestmark`), is marked `@pytest.mark.slow` where it is defined.

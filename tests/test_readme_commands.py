@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from chatglm3.weights.download import DEFAULT_REPO, DEFAULT_REVISION
-from cogserver import _call, wait_settled
+from helpers.cogserver import _call, wait_settled
 from conftest import ROOT, TINY_CKPT
-from fakehub import FakeHub
+from helpers.fakehub import FakeHub
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()

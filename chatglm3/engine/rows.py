@@ -3,7 +3,7 @@ prefix cache entries, which are spare, and every move between them. Host only (n
 decides, and returns the row copies (`Move`s) the model runner then applies to the tensors, in
 order, before the next step runs.
 
-Invariants (`check()` asserts them; tests/test_rows.py drives random sequences through it):
+Invariants (`check()` asserts them; tests/engine/test_rows.py drives random sequences through it):
 1. Rows 0..len(running)-1 are the running requests' and only theirs: `running[i]` decodes in
    row i (a decoding step reads rows [0, batch) side by side).
 2. Every prefix entry lives in a row in [len(running), limit); no row holds two entries.

@@ -5,7 +5,7 @@ Decoding several requests in one forward pass needs their caches side by side al
 prompts differ in length: row i holds request i's keys and values in positions [0, length_i).
 
 The `Cache` contract this relies on (checked in transformers 5.24's glm modeling code and
-masking utils; tests/test_kv_rows.py checks it on the model): KVRows is no `Cache` subclass,
+masking utils; tests/model/test_kv_rows.py checks it on the model): KVRows is no `Cache` subclass,
 it is duck-typed, and a decoding forward pass touches nothing of it but `update()`:
 - `GlmAttention.forward` calls `cache.update(key_states, value_states, self.layer_idx,
   kwargs=kwargs)` and attends over what it returns, nothing else.

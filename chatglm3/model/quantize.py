@@ -124,7 +124,7 @@ def int4_cpu_weight(w: torch.Tensor) -> torch.Tensor:
     Why not the config on the whole weight: packing holds fp32 and int32 copies of what it
     packs, ~0.9 GB for one 27,392 x 4,096 gate_up, on top of the model during the load. Each
     row is quantized alone (its groups run along the input) and the CPU packing works in
-    blocks of rows, so the pieces joined are exactly the whole's packing (tests/test_quantize.py
+    blocks of rows, so the pieces joined are exactly the whole's packing (tests/model/test_quantize.py
     compares them byte for byte)."""
     with _quiet_torchao_import():
         from torchao.prototype.quantization.int4.int4_opaque_tensor import Int4OpaqueTensor

@@ -12,7 +12,7 @@ a token by inverse CDF, so a request's draws do not depend on the others in its 
 
 transformers 5.24 does have per-row warpers, for its continuous batching
 (generation/continuous_batching/cb_logits_processors.py: ContinuousBatchingTemperature-,
--TopK- and -TopPLogitsWarper); tests/test_sampling.py checks that the tokens we keep are the
+-TopK- and -TopPLogitsWarper); tests/model/test_sampling.py checks that the tokens we keep are the
 ones they keep. They don't fit here:
 - they only filter; the draw in that path is `torch.multinomial` on the process-wide
   generator (ModelRunner._sample), so no request has its own seed. The draw, with a seed per

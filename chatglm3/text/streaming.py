@@ -5,7 +5,7 @@
 `StopMatcher` cuts a stream of text deltas right before the first occurrence of a stop string.
 
 How SentencePiece decodes, and what the detokenizer relies on (checked against the real
-tokenizer by tests/test_streaming.py):
+tokenizer by tests/text/test_streaming.py):
 
 * ids outside `[0, n_pieces)` are dropped by `ChatGLMTokenizer.decode` before SentencePiece
   sees them, so they neither carry text nor split anything.

@@ -1,4 +1,4 @@
-"""chatglm3.weights.download against a fake hub on 127.0.0.1 (tests/fakehub.py), with injected faults."""
+"""chatglm3.weights.download against a fake hub on 127.0.0.1 (tests/helpers/fakehub.py), with injected faults."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from chatglm3.weights.checkpoint import CheckpointError, load_model
 from chatglm3.weights.download import (DEFAULT_REPO, DEFAULT_REVISION, WeightsError, resolve_weights,
                                verify_checkpoint_files)
 from conftest import TINY_CKPT, convert_to_safetensors
-from fakehub import FakeHub, Fault
+from helpers.fakehub import FakeHub, Fault
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]  # download servers
 

@@ -30,9 +30,9 @@ from chatglm3.text.messages import build_messages
 from chatglm3.params import SamplingParams
 from chatglm3.model.qlinear import Int4Linear, Int8Linear
 from chatglm3.model.quantize import INT4_GROUP_SIZE, MODES, check_mode, weight_bytes
-import test_engine
+from engine import test_engine
 from conftest import GOLDEN, ROOT, TINY_CKPT, consume_together
-from test_engine import (  # noqa: F401 - collected here, run on this module's engines
+from engine.test_engine import (  # noqa: F401 - collected here, run on this module's engines
     test_bad_settings_name_the_field,
     test_cancel_from_another_thread_stops_within_one_step,
     test_prompt_too_long_names_both_counts,
@@ -373,7 +373,7 @@ def test_load_peak_is_the_quantized_model_plus_one_shard(tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_cli_generate_with_quantize() -> None:
-    from test_cli import cli
+    from cli.test_cli import cli
 
     out = cli("generate", "--weights", str(TINY_CKPT), "--quantize", "int8", "--prompt", "你好",
               "--max-tokens", "4", "--temperature", "0", "--json")

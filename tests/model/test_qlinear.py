@@ -15,7 +15,7 @@ import torch
 import chatglm3.model.qlinear as L
 from chatglm3.model.quantize import int4_cpu_weight
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _layers(out_features: int, in_features: int, dtype: torch.dtype, seed: int = 0):

@@ -1,5 +1,5 @@
 """`serve` when a generation fails on the server (errors injected into the model's forward, as
-tests/test_oom.py does): out of memory is a 503 with Retry-After (an error event mid-stream),
+tests/engine/test_oom.py does): out of memory is a 503 with Retry-After (an error event mid-stream),
 any other failure a 500 in words without a traceback, and the server serves the next request.
 The app runs in this process under uvicorn, as `serve` runs it."""
 
@@ -18,7 +18,7 @@ from transformers import DynamicCache
 from chatglm3.api.app import ServerConfig, create_app
 from chatglm3.engine.engine import Engine
 from chatglm3.model.kv_rows import KVRows
-from test_oom import FailOnce
+from helpers.faults import FailOnce
 
 pytestmark = pytest.mark.slow  # a server
 

@@ -14,26 +14,11 @@ from chatglm3.engine.engine import Engine, OutOfMemory
 from chatglm3.model.kv_rows import KVRows
 from chatglm3.model.packed_step import PackedStep
 from chatglm3.params import SamplingParams
+from helpers.faults import FailOnce
 
 pytestmark = pytest.mark.slow  # long prompts
 
 GREEDY = dict(temperature=0.0)
-
-
-class FailOnce:
-    """Wraps model.forward: the first call that `when(kwargs)` accepts raises OutOfMemoryError."""
-
-    def __init__(self, model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, when) -> None:
-        self.fired = False
-        real = model.forward
-
-        def forward(*args, **kwargs):
-            if not self.fired and when(kwargs):
-                self.fired = True
-                raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(model, "forward", forward)
 
 
 def is_prefill(kwargs: dict) -> bool:

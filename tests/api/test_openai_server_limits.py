@@ -14,7 +14,7 @@ import pytest
 from chatglm3 import cli
 
 from conftest import TINY_CKPT
-from openaiserver import events, open_stream, serve
+from helpers.openaiserver import events, open_stream, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 

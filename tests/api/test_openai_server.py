@@ -16,7 +16,7 @@ from chatglm3 import cli
 from chatglm3.params import MAX_LOGPROBS
 
 from conftest import TINY_CKPT
-from openaiserver import events, open_stream, serve
+from helpers.openaiserver import events, open_stream, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 

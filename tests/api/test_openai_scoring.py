@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY_CKPT
-from openaiserver import events, serve
+from helpers.openaiserver import events, serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 

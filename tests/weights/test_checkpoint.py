@@ -168,6 +168,7 @@ print(len(os.listdir("/proc/self/task")) - before)
 """
 
 
+@pytest.mark.slow  # two subprocesses that import torch
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
 def test_loading_leaves_no_openmp_team_behind() -> None:
     """load_model runs on a thread that ends with it, so the caller keeps no OpenMP helper

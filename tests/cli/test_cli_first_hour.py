@@ -204,7 +204,7 @@ def test_range_errors_come_before_torch_is_imported(args: list[str], named: str)
 
 
 def test_encode_without_weights_fetches_only_the_tokenizer(tmp_path: Path, reference: dict) -> None:
-    from fakehub import FakeHub
+    from helpers.fakehub import FakeHub
 
     from chatglm3.weights.download import DEFAULT_REPO, DEFAULT_REVISION
 

@@ -1,6 +1,6 @@
 """chatglm3.weights.download: resuming, parallel ranges, stalls, Ctrl-C, and what a new user is told.
 
-Against the fake hub (tests/fakehub.py), counting the requests and the bytes it sent.
+Against the fake hub (tests/helpers/fakehub.py), counting the requests and the bytes it sent.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from chatglm3.weights import tar_download
 from chatglm3.weights import transfer
 from chatglm3.weights.download import WeightsError, resolve_weights
 from conftest import ROOT, TINY_CKPT
-from fakehub import FakeHub, Fault
+from helpers.fakehub import FakeHub, Fault
 from test_download import SHARD1, SHARD2, _env, _tar, assert_same_files, no_network  # noqa: F401
 
 pytestmark = pytest.mark.slow  # download servers

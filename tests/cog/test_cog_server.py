@@ -18,7 +18,7 @@ import pytest
 
 from chatglm3.text.messages import build_messages
 
-from cogserver import Server, _call, _create, _sse, running_server
+from helpers.cogserver import Server, _call, _create, _sse, running_server
 from conftest import ROOT, TINY_CKPT
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]  # servers

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cogserver import running_server
+from helpers.cogserver import running_server
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # a Cog server

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY_CKPT
-from openaiserver import serve
+from helpers.openaiserver import serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
