@@ -23,12 +23,13 @@ from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 from chatglm3 import coglet_cancel
 from chatglm3.engine import Generation
 from chatglm3.text.messages import build_messages, parse_stop_sequences
-from chatglm3.params import SamplingParams
+from chatglm3.params import SamplingParams, Structured
 from chatglm3.settings import Settings
 from chatglm3.startup import start_engine
 
 HISTORY_HELP = 'Earlier turns as JSON text, oldest first; empty = none. Either a list of messages [{"role": "user", "content": "..."}, {"role": "assistant", "content": "...", "metadata": "..."}] (roles: system, user, assistant, observation; "metadata" is optional; a system message may only come first), or a list of [question, answer] pairs [["q1", "a1"], ["q2", "a2"]]. The two forms may be mixed item by item. At most 8388608 characters and 32 levels of nesting.'
 STOP_HELP = r"Comma-separated strings that end the answer where they first appear (they are not part of the output), e.g. 'Observation:,User:'. Escapes: \, is a comma inside a stop string, \n a newline, \t a tab, \\ a backslash; anything else, spaces included, is kept as typed. At most 16 strings of at most 256 characters. Empty = none (the model's own end tokens always stop it)."
+JSON_SCHEMA_HELP = 'A JSON Schema the answer must follow, as JSON text, e.g. {"type": "object", "properties": {"revenue": {"type": "number"}, "auditor": {"type": "string"}}, "required": ["revenue", "auditor"], "additionalProperties": false}. The answer is then compact JSON that parses and validates (unless max_tokens cuts it: stop_reason=max_tokens in the logs). {"type": "object"} = any JSON object. Empty = free text. At most 65536 characters.'
 
 
 def _say(line: str) -> None:
@@ -91,6 +92,7 @@ class Predictor(BaseRunner):
         frequency_penalty: float = Input(
             default=0.0, ge=-2.0, le=2.0,
             description="Subtracted from a token's score once per time it was already generated; above 0 repeats less, 0 = off."),
+        json_schema: str = Input(default="", max_length=65536, description=JSON_SCHEMA_HELP),
     ) -> ConcatenateIterator[str]:
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -98,14 +100,19 @@ class Predictor(BaseRunner):
                                     repetition_penalty=repetition_penalty, seed=seed,
                                     min_tokens=min_tokens, presence_penalty=presence_penalty,
                                     frequency_penalty=frequency_penalty,
-                                    stop=parse_stop_sequences(stop_sequences))
+                                    stop=parse_stop_sequences(stop_sequences),
+                                    structured=Structured("json", json_schema)
+                                    if json_schema.strip() else None)
             # Off the event loop: tokenizing up to ~0.5 M characters takes a while, and other
             # predictions start meanwhile. A cancel here leaves nothing queued.
             request = await asyncio.to_thread(lambda: self.engine.prepare_messages(
                 build_messages(prompt, system_prompt or None, history or None), params))
             gen = self.engine.submit(request)
         except ValueError as e:  # HistoryError, SettingsError, PromptTooLong: say what and why
-            raise ValueError(str(e)) from None
+            message = str(e)  # the engine calls the constraint `structured`; here it is:
+            if message.startswith("structured: "):
+                message = "json_schema: " + message[len("structured: "):]
+            raise ValueError(message) from None
 
         r = gen.result
         self.record_metric("input_token_count", r.input_token_count)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from .cli_args import build_parser, sampling_params
+from .cli_args import build_parser, constraint_flag, sampling_params
 from .errors import SetupError
 from .text.messages import build_messages
 from .settings import Settings
@@ -34,7 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, (ValueError, OSError, SetupError)):  # input, machine, weights
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e)
+        if getattr(e, "field", None) == "structured":  # the engine's name for the flag's
+            message = message.replace("structured: ", f"{constraint_flag(args)}: ", 1)
+        print(f"error: {message}", file=sys.stderr)
         return 1
 
 

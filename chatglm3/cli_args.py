@@ -5,8 +5,10 @@ refused before anything loads."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .params import FIELDS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, SamplingParams
+from .params import (FIELDS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, SamplingParams, SettingsError,
+                     Structured)
 from .settings import add_arguments
 
 
@@ -70,14 +72,50 @@ def _sampling_parser(reports_seed: str) -> OneLineParser:
         help=f"end the answer at this text (not included); repeat for more: --stop A --stop B "
              f"(at most {MAX_STOP_SEQUENCES}, each at most {MAX_STOP_LENGTH} characters; "
              f"default: none)")
+    shape = parser.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="TEXT|@FILE",
+                       help="the answer is JSON following this JSON Schema (the text, or @ and "
+                            "a file holding it); '{\"type\": \"object\"}' = any object")
+    shape.add_argument("--regex", metavar="PATTERN",
+                       help="the answer matches this regular expression, whole")
+    shape.add_argument("--choice", action="append", metavar="TEXT",
+                       help="the answer is exactly one of these; repeat: --choice A --choice B")
     return parser
+
+
+def structured(args: argparse.Namespace) -> Structured | None:
+    """--json-schema (@FILE read here), --regex or --choice as the constraint (None: free)."""
+    if getattr(args, "json_schema", None):
+        text = args.json_schema
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text(encoding="utf-8")
+            except OSError as e:
+                raise SettingsError([("structured", f"--json-schema: cannot read {text[1:]!r}: "
+                                                    f"{e.strerror}")]) from None
+        return Structured("json", text)
+    if getattr(args, "regex", None):
+        return Structured("regex", args.regex)
+    if getattr(args, "choice", None):
+        return Structured("choice", choices=tuple(args.choice))
+    return None
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The parsed sampling flags as checked SamplingParams (SettingsError names bad ones):
     before the model loads, so a typo costs no 12 GB load."""
-    return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli},
-                          stop=args.stop)
+    try:
+        return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli},
+                              stop=args.stop, structured=structured(args))
+    except SettingsError as e:  # the CLI's names for the constraint
+        raise SettingsError([(f, m.replace("structured: ", constraint_flag(args) + ": ", 1))
+                             for f, m in e.problems]) from None
+
+
+def constraint_flag(args: argparse.Namespace) -> str:
+    """The flag that set the answer's constraint (errors name it)."""
+    return ("--json-schema" if getattr(args, "json_schema", None) else "--regex"
+            if getattr(args, "regex", None) else "--choice")
 
 
 def build_parser() -> OneLineParser:

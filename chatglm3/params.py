@@ -47,6 +47,53 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES = 100.0, 300
 # stop_token_ids (vLLM's): extra token ids that end the answer.
 MAX_STOP_TOKEN_IDS = 16
+# Structured output: the largest schema / regex text and choice list accepted (a grammar is
+# compiled from it before anything is queued; llguidance's own limits bound the compile).
+MAX_GRAMMAR_CHARS = 65536
+MAX_CHOICES = 256
+STRUCTURED_KINDS = ("json", "regex", "choice")
+
+
+@dataclass(frozen=True)
+class Structured:
+    """A constraint on the answer: `json` (spec: a JSON Schema as JSON text; "{}" = any JSON
+    value, '{"type": "object"}' = any object), `regex` (spec: the pattern) or `choice` (one of
+    `choices`, exactly). The engine compiles it once per request before queueing it."""
+
+    kind: str
+    spec: str = ""
+    choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choices, list):
+            object.__setattr__(self, "choices", tuple(self.choices))
+
+    def problem(self) -> str | None:
+        """What is wrong with it, in words (None: nothing)."""
+        if self.kind not in STRUCTURED_KINDS:
+            return f"kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r}"
+        if self.kind == "choice":
+            if not self.choices or not all(isinstance(c, str) and c for c in self.choices):
+                return "choice: needs at least one non-empty string"
+            if len(self.choices) > MAX_CHOICES:
+                return f"choice: at most {MAX_CHOICES} strings, got {len(self.choices)}"
+            size = sum(map(len, self.choices))
+        else:
+            if not isinstance(self.spec, str) or not self.spec:
+                return f"{self.kind}: needs a non-empty text"
+            size = len(self.spec)
+        if size > MAX_GRAMMAR_CHARS:
+            return f"{self.kind}: at most {MAX_GRAMMAR_CHARS} characters, got {size}"
+        if self.kind == "json":
+            import json
+
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as e:
+                return f"json: not valid JSON ({e})"
+            if not isinstance(schema, (dict, bool)):
+                return "json: a JSON Schema is an object (or true/false)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -198,6 +245,8 @@ class SamplingParams:
     # The model's own end tokens do not end the answer (vLLM's ignore_eos): it runs to
     # max_tokens, a stop string or stop_token_ids.
     ignore_eos: bool = False
+    # The answer must match this (JSON Schema, regex or choice): masked every step.
+    structured: Structured | None = None
 
     def __post_init__(self) -> None:
         for f in FIELDS:
@@ -280,6 +329,11 @@ class SamplingParams:
                 problems.append((name, f"{name}: must be a list of token ids (integers >= 0)"))
             elif len(ids) > most:
                 problems.append((name, f"{name}: at most {most}, got {len(ids)}"))
+        if self.structured is not None:
+            why = (self.structured.problem() if isinstance(self.structured, Structured)
+                   else "must be a Structured")
+            if why:
+                problems.append(("structured", f"structured: {why}"))
         if not isinstance(self.ignore_eos, bool):
             problems.append(("ignore_eos", f"ignore_eos: must be true or false, got "
                                            f"{self.ignore_eos!r}"))

@@ -11,7 +11,6 @@ step.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -34,6 +33,7 @@ from ..engine.output import Generation, GenerationResult
 from ..engine.scheduler import Request as EngineRequest
 from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
+from .errors import check_api_key
 from .responses import FINISH_REASONS, Echo, LogprobWriter, new_id, now, timings, usage
 from .streams import RETRY_AFTER_SECONDS, collect, merged, sse
 from .metrics import Metrics
@@ -183,17 +183,7 @@ class Api:
     # ---- checks every request with a body passes ----
 
     def authorize(self, request: Request) -> None:
-        key = self.config.api_key
-        if key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, "missing API key: send the header Authorization: Bearer KEY",
-                           code="invalid_api_key")
-        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
-                                   key.encode("utf-8")):
-            raise ApiError(401, "wrong API key", code="invalid_api_key")
+        check_api_key(request.headers.get("authorization", ""), self.config.api_key)
 
     async def read_body(self, request: Request) -> bytes:
         """The body, refused (413) once it passes the cap, before it is parsed. Past the cap
@@ -254,13 +244,14 @@ class Api:
         return done
 
     async def _start(self, rid: str, params: Sequence, inputs: Callable[[], list[list[int]]],
-                     field: str) -> list[Generation]:
+                     names: dict[str, str]) -> list[Generation]:
         """Reserves room in the queue, builds the input ids off the event loop, checks each
-        choice and queues them all (or none)."""
+        choice and queues them all (or none). `names`: the request's own names for the
+        engine's fields in errors ("input": the prompt's field)."""
         count, arrived = len(params), time.perf_counter()
         self._reserve(count)
         try:
-            requests = await run_in_threadpool(self._prepare, params, inputs, field)
+            requests = await run_in_threadpool(self._prepare, params, inputs, names)
         except BaseException:
             self._release(count)
             raise
@@ -271,19 +262,22 @@ class Api:
             gens.append(gen)
         return gens
 
-    def _prepare(self, params: Sequence, inputs: Callable[[], list[list[int]]], field: str
-                 ) -> list[EngineRequest]:
-        """The engine's requests; `field`: the request's input field its errors name."""
+    def _prepare(self, params: Sequence, inputs: Callable[[], list[list[int]]],
+                 names: dict[str, str]) -> list[EngineRequest]:
         try:
             prompts = inputs()
             per = len(params) // len(prompts)
             return [self.engine.prepare(prompts[i // per], p) for i, p in enumerate(params)]
         except PromptTooLong as e:
-            raise bad(str(e), field, "context_length_exceeded") from None
+            raise bad(str(e), names["input"], "context_length_exceeded") from None
         except RequestTooLarge as e:
             raise bad(str(e), "max_tokens", "context_length_exceeded") from None
         except ValueError as e:
-            raise bad(str(e), str(e).split(":")[0].split("[")[0] or None) from None
+            ours = getattr(e, "field", None) or str(e).split(":")[0].split("[")[0] or None
+            api, message = names.get(ours, ours), str(e)
+            if api != ours and message.startswith(f"{ours}:"):
+                message = api + message[len(ours):]
+            raise bad(message, api) from None
 
     # ---- chat completions ----
 
@@ -291,7 +285,7 @@ class Api:
         req: ChatRequest = await self._parsed(request, parse_chat)
         rid = new_id("chatcmpl")
         gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)],
-                                 "messages")
+                                 {"input": "messages", "structured": req.structured_field})
         if req.stream:
             return sse(self._chat_chunks(rid, req, gens))
         results = await collect(request, gens)
@@ -345,7 +339,7 @@ class Api:
                           f"{vocab - 1})", "prompt")
         gens = await self._start(rid, params, lambda: [
             p if isinstance(p, list) else self.engine.encode_plain(p) for p in req.prompts],
-            "prompt")
+            {"input": "prompt", "structured": req.structured_field})
         echo = Echo(self.logprobs, req.prompts, len(req.params), req.echo, req.logprobs)
         if req.stream:
             return sse(self._completion_chunks(rid, req, gens, echo))

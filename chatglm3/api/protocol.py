@@ -2,8 +2,8 @@
 
 Every bad value raises ApiError naming the field (`param`) and the limit; the sampling limits
 are chatglm3/params.py's, the same the CLI and the Cog predictor apply. Unknown fields are
-ignored, as OpenAI does; known fields we cannot honour (tools, images, logit_bias, ...) are
-refused in words rather than silently dropped.
+ignored, as OpenAI does; known fields we cannot honour (tools, images, ...) are refused in
+words rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 from ..text.messages import MAX_HISTORY_DEPTH, _json_text_depth, _json_type, check_order, check_text
 from ..params import BY_NAME, FIELDS, MAX_LOGPROBS, MAX_SEED, SamplingParams, SettingsError
 from ..text.tokenizer import Message
+from .errors import ApiError, _describe, bad
+from .structured import parse_structured
 
 # A body that could hold any conversation the 32k context fits: 524,288 characters of text at
 # most (32,768 tokens of at most 16 characters), 12 JSON bytes per character in the worst escape
@@ -22,29 +24,6 @@ from ..text.tokenizer import Message
 MAX_BODY_BYTES = 8 * 2**20
 MAX_N = 16  # choices per request (each one a request in the batch)
 DEFAULT_MODEL_NAME = "chatglm3-6b-32k"
-
-
-class ApiError(Exception):
-    """An error answer: HTTP status and OpenAI's error body."""
-
-    TYPES = {400: "invalid_request_error", 401: "authentication_error",
-             404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-             503: "server_error", 500: "server_error"}
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message,
-                          "type": self.TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
-    return ApiError(400, message, param, code)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -76,11 +55,6 @@ def _field(body: dict, name: str, check, expected: str, default: Any = None) -> 
     if not check(value):
         raise bad(f"{name}: expected {expected}, got {_describe(value)}", name)
     return value
-
-
-def _describe(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (int, float, str)) else ""
-    return f"{_json_type(value)} {text[:40]}".strip()
 
 
 def _number(v: Any) -> bool:
@@ -119,6 +93,7 @@ class Options:
     # vLLM's prompt_logprobs extension: alternatives per prompt token in the answer's own
     # prompt_logprobs field; None = not asked (echo's logprobs are another matter)
     prompt_logprobs: int | None = None
+    structured_field: str = "response_format"  # where the answer's constraint came from
 
 
 @dataclass
@@ -170,6 +145,7 @@ def _options(body: dict, served: str, logprobs: int | None,
         raise bad(f"seed: expected a 64-bit integer, got {_describe(seed)}", "seed")
     values, names = _sampling_values(body)
     values.update(_token_settings(body))
+    values["structured"], names["structured"] = parse_structured(body)
     asked = values.get("prompt_logprobs")
     if asked is not None and (message := BY_NAME["prompt_logprobs"].error(asked)):
         raise bad(message, "prompt_logprobs")  # before it is compared with `scored`
@@ -190,7 +166,8 @@ def _options(body: dict, served: str, logprobs: int | None,
         except SettingsError as e:
             raise bad(e.renamed(names), names.get(e.field, e.field)) from None
     return Options(model, params, stream, include_usage, logprobs,
-                   None if asked is None else int(asked))  # (checked by SamplingParams)
+                   None if asked is None else int(asked),  # (checked by SamplingParams)
+                   names["structured"])
 
 
 def _token_settings(body: dict) -> dict[str, Any]:
@@ -252,10 +229,6 @@ def _refuse_unsupported(body: dict) -> None:
         value = body.get(name)
         if value not in (None, [], {}, "none", "auto"):
             raise bad(f"{name}: {why}", name)
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("response_format: only {\"type\": \"text\"} (this server has no JSON mode)",
-                  "response_format")
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:
         raise bad("modalities: this model takes and writes text only", "modalities")

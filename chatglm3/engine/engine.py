@@ -30,6 +30,7 @@ from .output import Generation, GenerationResult, OutputProcessor, OutputStream
 from ..params import SamplingParams
 from ..model.quantize import compute_dtype, model_mode, weight_bytes
 from .rows import RowAllocator
+from ..model.grammar import Grammars
 from ..model.sampling import RequestSampling
 from .scheduler import Request, Scheduler
 from .steps import Steps
@@ -133,6 +134,7 @@ class Engine:
         self.scheduler = Scheduler(self.rows, self.max_batch, PREFILL_CHUNK, prefill_budget,
                                    pack=self.runner.packs)
         self.output = OutputProcessor(tokenizer)
+        self.grammars = Grammars(tokenizer)  # structured output's compiler (built on first use)
         self.steps = Steps(self.scheduler, self.rows, self.runner, self.output)
         self._incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self._wake = threading.Condition()
@@ -282,7 +284,10 @@ class Engine:
         # What ends this answer: the model's end tokens (unless ignore_eos), and its own.
         stop_ids = frozenset(params.stop_token_ids).union(
             () if params.ignore_eos else self.tokenizer.stop_ids)
-        sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=stop_ids)
+        constraint = None if params.structured is None else self.grammars.constraint(
+            params.structured)
+        sampling = RequestSampling(params, prompt_len=len(ids), stop_ids=stop_ids,
+                                   constraint=constraint)
         result.seed = sampling.seed
         stream = OutputStream(self.tokenizer, result, params.stop, stop_ids)
         return Request(ids, stream, sampling, output_ids=result.output_ids,

@@ -29,12 +29,15 @@ ones they keep. They don't fit here:
 from __future__ import annotations
 
 import random
-from typing import Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence
 
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from ..params import MAX_SEED, SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import Constraint
 
 
 class RequestSampling:
@@ -46,8 +49,9 @@ class RequestSampling:
     `stop_ids`: the tokens `min_tokens` holds back."""
 
     def __init__(self, params: SamplingParams, prompt_len: int = 0,
-                 stop_ids: Iterable[int] = ()) -> None:
+                 stop_ids: Iterable[int] = (), constraint: "Constraint | None" = None) -> None:
         self.params = params
+        self.constraint = constraint  # structured output: grammar.Constraint
         self.seed = params.seed if params.seed is not None else random.randrange(MAX_SEED + 1)
         self.rng = random.Random(self.seed)  # draws on the host: no device op, no sync
         self.penalty = (RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
@@ -72,12 +76,32 @@ class RequestSampling:
     def adjusts(self) -> bool:
         """Whether `pick` runs `adjust` on this request's row."""
         p = self.params
-        return self.needs_history or bool(p.logit_bias) or bool(p.allowed_token_ids)
+        return (self.needs_history or bool(p.logit_bias) or bool(p.allowed_token_ids)
+                or self.constraint is not None)
+
+    def accept(self, token: int) -> None:
+        """The token picked for this request (its grammar, if any, moves past it)."""
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
     def uniform(self) -> float:
         return self.rng.random()
 
-    def adjust(self, scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def adjust(self, scores: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
+        """The row's scores after `_settings`, then (structured output) with every token the
+        grammar cannot take next at -inf: last, so greedy and sampling both obey it. Should the
+        settings leave none of the grammar's tokens (min_tokens holding back the end tokens
+        where only an end is allowed), the grammar wins over them."""
+        adjusted = self._settings(scores, history)
+        if self.constraint is None:
+            return adjusted
+        allowed = self.constraint.allowed(scores.shape[-1], scores.device)
+        masked = adjusted.masked_fill(~allowed, float("-inf"))
+        if not bool(torch.isfinite(masked).any()):
+            masked = scores.masked_fill(~allowed, float("-inf"))
+        return masked
+
+    def _settings(self, scores: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """This row's scores [1, vocab] after the repetition penalty (over prompt and output,
         transformers' processor), the presence/frequency penalties (OpenAI's: over the
         generated tokens, once per token / once per occurrence) and min_tokens (stop tokens
@@ -118,8 +142,8 @@ class RequestSampling:
 def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
          history: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """The next token of each row, [batch] on the device (no host sync until the caller reads
-    them): `logits` [batch, vocab]; `history[i]` [1, n] ids so far of row i (read only for
-    requests that `needs_history`)."""
+    them, unless a row has a grammar: it takes its token at once): `logits` [batch, vocab];
+    `history[i]` [1, n] ids so far of row i (read only for requests that `needs_history`)."""
     adjusted = [i for i, s in enumerate(samplings) if s.adjusts]
     # A copy when rows change: fp32 logits' .float() is the caller's tensor itself (on a GPU,
     # a graph's output buffer).
@@ -131,6 +155,9 @@ def pick(logits: torch.Tensor, samplings: Sequence[RequestSampling],
     if rows:
         settings = [(samplings[i].params, samplings[i].uniform()) for i in rows]
         tokens[rows] = _sample(scores[rows], settings)
+    if any(s.constraint is not None for s in samplings):  # their grammars move on (a sync:
+        for s, token in zip(samplings, tokens.tolist()):  # their masks are host work anyway)
+            s.accept(token)
     return tokens
 
 

@@ -70,7 +70,6 @@ def test_bad_sampling_values_name_the_field(field, value) -> None:
 @pytest.mark.parametrize("field, value, words", [
     ("tools", [{"type": "function"}], "tool calls"),
     ("function_call", {"name": "f"}, "function calls"),
-    ("response_format", {"type": "json_object"}, "no JSON mode"),
 ])
 def test_what_the_model_cannot_do_is_refused_in_words(field, value, words) -> None:
     e = error(parse_chat, {**BASE, field: value}, "m")
@@ -132,3 +131,39 @@ def test_logit_bias_stop_token_ids_and_ignore_eos_are_read() -> None:
 def test_bad_token_settings_name_the_field(field, value, words) -> None:
     e = error(parse_chat, {**BASE, field: value}, "m")
     assert e.status == 400 and e.param == field and words in e.message, e.message
+
+
+@pytest.mark.parametrize("fields, want", [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, ("json", '{"type": "object"}', ())),
+    ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer"}, "strict": True}}},
+     ("json", '{"type": "integer"}', ())),
+    ({"structured_outputs": {"json": {"type": "boolean"}}}, ("json", '{"type": "boolean"}', ())),
+    ({"structured_outputs": {"regex": "[a-z]+"}}, ("regex", "[a-z]+", ())),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, ("choice", "", ("yes", "no"))),
+    ({"structured_outputs": {"json_object": True}}, ("json", '{"type": "object"}', ())),
+    ({"guided_choice": ["a"]}, ("choice", "", ("a",))),
+])
+def test_structured_output_fields_are_read(fields, want) -> None:
+    for params in (parse_chat({**BASE, **fields}, "m").params[0],
+                   parse_completion({**BASE, **fields, "prompt": "hi"}, "m").params[0]):
+        got = params.structured
+        assert (got if got is None else (got.kind, got.spec, got.choices)) == want
+
+
+@pytest.mark.parametrize("fields, param, words", [
+    ({"response_format": {"type": "yaml"}}, "response_format", "type must be"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "{"}}},
+     "response_format", "not valid JSON"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs",
+     "exactly one"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs", "not supported"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "at least one"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex",
+     "one way"),
+])
+def test_bad_structured_output_names_the_field(fields, param, words) -> None:
+    e = error(parse_chat, {**BASE, **fields}, "m")
+    assert e.status == 400 and e.param == param and words in e.message, e.message

@@ -143,3 +143,27 @@ def test_chat_ends_on_end_of_input() -> None:
     out = cli("chat", *TINY, "--max-tokens", "3", stdin="hi\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("ChatGLM: ") == 1
+
+
+def test_structured_output_flags(tmp_path) -> None:
+    """--json-schema (text or @FILE), --choice, --regex: the answer obeys; bad ones are one
+    line naming the flag, before or after the model loads."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+              "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                              "maximum": 9}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    for given in (json.dumps(schema), f"@{path}"):
+        out = cli("generate", *TINY, "--prompt", "hi", "--json-schema", given,
+                  "--temperature", "0", "--max-tokens", "40")
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        assert set(answer) == {"ok", "n"} and 0 <= answer["n"] <= 9
+    out = cli("generate", *TINY, "--prompt", "hi", "--choice", "yes", "--choice", "no")
+    assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stderr
+    for flags, words in ((["--regex", "[a-"], "error: --regex: the regex cannot be compiled"),
+                         (["--json-schema", "{nope"], "error: --json-schema: json: not valid"),
+                         (["--json-schema", "@" + str(tmp_path / "none.json")],
+                          "error: --json-schema: cannot read")):
+        out = cli("generate", *TINY, "--prompt", "hi", *flags)
+        assert out.returncode == 1 and words in out.stderr, out.stderr

@@ -72,6 +72,8 @@ def test_literals_equal_chatglm3s_defaults_and_limits(predictor) -> None:
             f"{messages.MAX_HISTORY_DEPTH} levels") in kw["history"]["description"]
     assert (f"At most {params.MAX_STOP_SEQUENCES} strings of at most "
             f"{params.MAX_STOP_LENGTH} characters") in kw["stop_sequences"]["description"]
+    assert kw["json_schema"]["max_length"] == params.MAX_GRAMMAR_CHARS
+    assert f"At most {params.MAX_GRAMMAR_CHARS} characters" in kw["json_schema"]["description"]
 
 
 def test_declarations_are_samplingparams_fields() -> None:
@@ -80,7 +82,7 @@ def test_declarations_are_samplingparams_fields() -> None:
 
     # The others are lists and maps the API reads itself (stop strings, token settings)
     assert {f.name for f in params.FIELDS} == {f.name for f in fields(params.SamplingParams)} - {
-        "stop", "logit_bias", "stop_token_ids", "allowed_token_ids", "ignore_eos"}
+        "stop", "logit_bias", "stop_token_ids", "allowed_token_ids", "ignore_eos", "structured"}
 
 
 def test_committed_schema_carries_these_literals(predictor) -> None:

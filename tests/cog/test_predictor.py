@@ -15,7 +15,7 @@ pytestmark = pytest.mark.shared
 
 ARGS = dict(system_prompt="", history="", max_tokens=2, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0,
             repetition_penalty=1.0, seed=None, stop_sequences="", min_tokens=0,
-            presence_penalty=0.0, frequency_penalty=0.0)
+            presence_penalty=0.0, frequency_penalty=0.0, json_schema="")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from chatglm3.params import MAX_LOGPROBS, SamplingParams, SettingsError
 from chatglm3.model.sampling import SCORE_ROWS, prompt_logprobs
 from chatglm3.settings import PREFILL_CHUNK
 
-from test_packed_step import Passes, held
+from helpers.engines import Passes, held
 
 GREEDY = dict(temperature=0.0)
 

@@ -10,7 +10,7 @@ from chatglm3.engine.engine import Engine
 from chatglm3.errors import InputError
 from chatglm3.params import SamplingParams
 
-from test_packed_step import held
+from helpers.engines import held
 
 GREEDY = dict(temperature=0.0, max_tokens=6)
 
