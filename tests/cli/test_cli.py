@@ -13,12 +13,14 @@ import subprocess
 import sys
 from unittest import mock
 
+import jsonschema
 import pytest
 import torch
 
 from chatglm3 import cli as cli_module
 from chatglm3.params import CONTEXT, MAX_STOP_SEQUENCES, MAX_TEMPERATURE
 from conftest import TINY_CKPT
+from helpers.schemas import CORPUS
 
 pytestmark = pytest.mark.shared
 
@@ -145,6 +147,7 @@ def test_chat_ends_on_end_of_input() -> None:
     assert out.stdout.count("ChatGLM: ") == 1
 
 
+@pytest.mark.slow  # the schema corpus, sampled
 def test_structured_output_flags(tmp_path) -> None:
     """--json-schema (text or @FILE), --choice, --regex: the answer obeys; bad ones are one
     line naming the flag, before or after the model loads."""
@@ -159,6 +162,12 @@ def test_structured_output_flags(tmp_path) -> None:
         assert out.returncode == 0, out.stderr
         answer = json.loads(out.stdout)
         assert set(answer) == {"ok", "n"} and 0 <= answer["n"] <= 9
+    for seed, corpus_schema in enumerate(CORPUS.values()):  # sampled, the whole corpus
+        out = cli("generate", *TINY, "--prompt", "JSON", "--json-schema",
+                  json.dumps(corpus_schema), "--temperature", "1", "--seed", str(seed),
+                  "--max-tokens", "200")
+        assert out.returncode == 0, out.stderr
+        jsonschema.validate(json.loads(out.stdout), corpus_schema)
     out = cli("generate", *TINY, "--prompt", "hi", "--choice", "yes", "--choice", "no")
     assert out.returncode == 0 and out.stdout.strip() in ("yes", "no"), out.stderr
     for flags, words in ((["--regex", "[a-"], "error: --regex: the regex cannot be compiled"),

@@ -18,6 +18,7 @@ import pytest
 
 from chatglm3.text.messages import build_messages
 
+from helpers.schemas import CORPUS
 from helpers.cogserver import Server, _call, _create, _sse, running_server
 from conftest import ROOT, TINY_CKPT
 
@@ -497,6 +498,10 @@ def test_json_schema_input_gives_json_that_validates(server: Server) -> None:
         text = server.text(prompt="Revenue and auditor as JSON", json_schema=json.dumps(schema),
                            temperature=1.0, top_p=1.0, seed=seed, max_tokens=64)
         jsonschema.validate(json.loads(text), schema)
+    for seed, (name, corpus_schema) in enumerate(sorted(CORPUS.items())):
+        text = server.text(prompt="As JSON", json_schema=json.dumps(corpus_schema),
+                           temperature=1.0, seed=seed, max_tokens=200)
+        jsonschema.validate(json.loads(text), corpus_schema)
     body = server.predict(prompt="hi", json_schema='{"type": "bogus"}', max_tokens=4)
     assert body["status"] == "failed" and "json_schema: " in body["error"], body
     body = server.predict(prompt="hi", json_schema="{not json", max_tokens=4)
