@@ -5,6 +5,8 @@ refused before anything loads."""
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
 from pathlib import Path
 
 from .params import (FIELDS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, SamplingParams, SettingsError,
@@ -13,10 +15,31 @@ from .settings import add_arguments
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Argument errors as one line, not a usage block."""
+    """Argument errors as one line, not a usage block; a misspelled option is named, with the
+    closest valid one (argparse itself would first report a required option as missing:
+    `--promt hi` as "--prompt is required")."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if not any(isinstance(a, argparse._SubParsersAction) for a in self._actions):
+            self._check_options(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
+    def _check_options(self, args: list[str]) -> None:
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        for token in args:
+            if token == "--":
+                return
+            name = token.split("=", 1)[0]
+            if (not name.startswith("--") or " " in token  # a value (argparse's own rule)
+                    or any(k.startswith(name) for k in known)):
+                continue  # a value, a known option or an abbreviation of one
+            # compared without the dashes, which every option shares
+            close = difflib.get_close_matches(name[2:], [k[2:] for k in known], n=1, cutoff=0.7)
+            self.error(f"unrecognized option {name}" + (f"; did you mean --{close[0]}?"
+                                                          if close else ""))
 
 
 def _weights_parser(what: str) -> OneLineParser:

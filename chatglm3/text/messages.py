@@ -96,6 +96,10 @@ def build_messages(
     if role not in ROLES or role in ("system", "assistant"):
         raise HistoryError(f"role: expected user or observation for the new turn, got {role!r}")
     messages = parse_history(history)
+    if not prompt.strip() and not any(m.role != "system" for m in messages):
+        # an answer to nothing: refused (the OpenAI API, as OpenAI, takes empty content)
+        raise HistoryError("prompt: empty; write a message (an empty one is only taken after "
+                           "earlier turns in history)")
     if system_prompt:
         if messages and messages[0].role == "system":
             raise HistoryError(

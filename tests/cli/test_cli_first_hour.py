@@ -492,3 +492,28 @@ def test_pip_install_editable_then_import_from_anywhere(tmp_path: Path) -> None:
     where, others = check.stdout.splitlines()
     assert Path(where) == src / "chatglm3" / "__init__.py"
     assert others == "[]"
+
+
+@pytest.mark.parametrize("args,said", [
+    (["generate", "--promt", "hi"], "unrecognized option --promt; did you mean --prompt?"),
+    (["generate", "--prompt", "hi", "--temprature", "0"],
+     "unrecognized option --temprature; did you mean --temperature?"),
+    (["chat", "--sytem", "x"], "unrecognized option --sytem; did you mean --system?"),
+    (["generate", "--prompt", "hi", "--frobnicate"], "unrecognized option --frobnicate (see"),
+])
+def test_a_misspelled_option_is_named_with_the_closest_one(args: list[str], said: str) -> None:
+    """Not reported as a missing --prompt; abbreviations and values that merely start with
+    dashes stay what argparse makes of them."""
+    out = cli(*args)
+    assert out.returncode == 2 and said in out.stderr, out.stderr
+    ok = cli("generate", *TINY, "--prompt", "--not a flag", "--temp", "0", "--max-tok", "2")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_an_empty_prompt_with_nothing_before_it_is_refused() -> None:
+    for prompt in ("", "  \n"):
+        out = cli("generate", *TINY, "--prompt", prompt, "--max-tokens", "2")
+        assert out.returncode == 1 and "error: prompt: empty" in out.stderr, out.stderr
+    history = '[["What is 2+2?", "4"]]'  # after earlier turns an empty turn is taken
+    out = cli("generate", *TINY, "--prompt", "", "--history", history, "--max-tokens", "2")
+    assert out.returncode == 0, out.stderr

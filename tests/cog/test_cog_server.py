@@ -506,3 +506,10 @@ def test_json_schema_input_gives_json_that_validates(server: Server) -> None:
     assert body["status"] == "failed" and "json_schema: " in body["error"], body
     body = server.predict(prompt="hi", json_schema="{not json", max_tokens=4)
     assert body["status"] == "failed" and "json_schema: json: not valid JSON" in body["error"]
+
+
+def test_an_empty_prompt_with_no_history_fails_naming_it(server: Server) -> None:
+    body = server.predict(prompt=" ", max_tokens=2)
+    assert body["status"] == "failed" and "prompt: empty" in body["error"], body
+    # after earlier turns an empty turn is answered (text() asserts the prediction succeeded)
+    server.text(prompt="", history='[["hi", "hello"]]', max_tokens=2, temperature=0)
