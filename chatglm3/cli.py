@@ -93,9 +93,13 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def load_engine(args: argparse.Namespace) -> "Engine":
     """The ready engine for the flags (over the CHATGLM3_* variables), saying on stderr what
     loads where and, once ready, how long it took and the memory it holds."""
-    from .startup import start_engine
+    from .weights.download import check_source
 
     settings = Settings.from_args(args, os.environ)
+    check_source(args.weights)  # a mistyped path fails now, not after torch's ~5 s import
+    say("loading torch and transformers")  # the first seconds would be silent otherwise
+    from .startup import start_engine
+
     return start_engine(args.weights, settings, say=say, progress=True).engine
 
 

@@ -115,6 +115,16 @@ def resolve_weights(source: str | os.PathLike | None = None, *, dest: Path | Non
         raise WeightsError(f"{e}; {steps}") from e.__cause__
 
 
+def check_source(source: str | os.PathLike | None, *, knob: str = "--weights") -> None:
+    """Fails at once, as resolve_weights would, for a source that is neither there nor a hub
+    repo id nor a URL (a mistyped path): no network, and no torch imported yet by the caller."""
+    text = os.fspath(source) if source is not None else ""
+    if (not text or re.match(r"https?:/+", text) or Path(text).expanduser().exists()
+            or (not _looks_like_path(text) and _REPO_ID.fullmatch(text.partition("@")[0]))):
+        return
+    resolve_weights(text, knob=knob, progress=False)  # raises before any lookup
+
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
 
 

@@ -190,6 +190,8 @@ def test_prompt_file_that_is_no_file_names_the_option(tmp_path: Path, kind: str)
     (["--max-tokens", "-5"], "max_tokens: must be an integer from 1 to 32768"),
     (["--temperature", "9"], "temperature: must be from 0 to 5"),
     (["--repetition-penalty", "0"], "repetition_penalty: must be from 0.01 to 10"),
+    (["--weights", "/nowhere/ckpt"], "/nowhere/ckpt: no such directory"),
+    (["--weights", "./weights-typo/x"], "./weights-typo/x: no such directory"),
 ])
 def test_range_errors_come_before_torch_is_imported(args: list[str], named: str) -> None:
     """Checked before the model's libraries load (they take ~5 s to import): the error comes
@@ -243,7 +245,9 @@ def test_encode_needs_only_the_tokenizer(tmp_path: Path, reference: dict) -> Non
 def test_loading_messages_on_stderr_answer_alone_on_stdout() -> None:
     out = cli("generate", *TINY, "--prompt", "你好", "--temperature", "0", "--max-tokens", "4")
     assert out.returncode == 0, out.stderr
-    lines = out.stderr.splitlines()
+    # said before torch's import, which would otherwise leave the first seconds silent
+    first, *lines = out.stderr.splitlines()
+    assert first == "loading torch and transformers"
     assert lines[0] == f"loading weights {TINY_CKPT.resolve()} on cpu as float32"
     assert lines[1:3] == ["loading shard 1/2: pytorch_model-00001-of-00002.bin",
                           "loading shard 2/2: pytorch_model-00002-of-00002.bin"]
