@@ -159,6 +159,7 @@ def resolve_tokenizer(source: str | os.PathLike | None = None, *, dest: Path | N
         if constants.is_offline_mode():
             raise _err(f"{what}: offline (HF_HUB_OFFLINE is set) and no tokenizer.model in {dest}",
                        "offline")
+        _lookup(repo, rev, what)
         say(progress, f"Fetching the tokenizer of {what} from {constants.ENDPOINT} into {dest}")
         for name in TOKENIZER_FILES:
             try:
@@ -259,11 +260,7 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
         raise _err(f"{what}: offline (HF_HUB_OFFLINE is set) and no complete local copy: "
                    f"{describe(dest, found)}", "offline")
     say(progress, f"{note}looking up {what} on the hub at {constants.ENDPOINT}")
-    try:  # hub lacks: model_info is never retried
-        info = transfer.retrying(partial(HfApi(library_name="chatglm3").model_info, repo, revision=revision,
-                                         files_metadata=True, timeout=read_timeout()), _is_5xx)
-    except Exception as e:  # noqa: BLE001 - HTTP errors, refused, unresolvable, or no answer in time
-        raise _failure(e, what, f"the hub at {constants.ENDPOINT} did not answer") from e
+    info = _lookup(repo, revision, what)
     sizes = {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in info.siblings or []}
     names = [n for n in sizes if "/" not in n and any(fnmatch.fnmatch(n, p) for p in ALLOW_PATTERNS)]
     if any(n.endswith(".safetensors") for n in names):  # both formats: skip the .bin copy
@@ -287,6 +284,18 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
         raise WeightsError(f"{what}: incomplete after fetching: {describe(dest, found)}")
     (dest / _MARK).write_text(json.dumps({"source": f"{repo}@{info.sha}", "sizes": sizes}))
     return dest.resolve()
+
+
+def _lookup(repo: str, revision: str, what: str):
+    """The repo's file listing at `revision`: one request, which fails at once (and in one
+    line) where the hub cannot be reached; hf_hub_download alone would first retry its HEAD
+    for ~24 s, printing each retry."""
+    try:  # hub lacks: model_info is never retried
+        return transfer.retrying(partial(HfApi(library_name="chatglm3").model_info, repo,
+                                         revision=revision, files_metadata=True,
+                                         timeout=read_timeout()), _is_5xx)
+    except Exception as e:  # noqa: BLE001 - HTTP errors, refused, unresolvable, or no answer in time
+        raise _failure(e, what, f"the hub at {constants.ENDPOINT} did not answer") from e
 
 
 def _fetch_file(repo: str, commit: str, name: str, dest: Path, what: str, bar: Progress,

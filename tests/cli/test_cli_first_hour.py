@@ -521,3 +521,25 @@ def test_an_empty_prompt_with_nothing_before_it_is_refused() -> None:
     history = '[["What is 2+2?", "4"]]'  # after earlier turns an empty turn is taken
     out = cli("generate", *TINY, "--prompt", "", "--history", history, "--max-tokens", "2")
     assert out.returncode == 0, out.stderr
+
+
+def test_encode_and_generate_without_a_hub_fail_alike(tmp_path: Path) -> None:
+    """No weights here and the hub refuses the connection: encode (which fetches only the
+    tokenizer) fails as generate does, at once and in one line; no retry lines."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}
+    env.update(CHATGLM3_WEIGHTS_DIR=str(tmp_path / "w"), HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    errors = []
+    for command in ("encode", "generate"):
+        out = subprocess.run([sys.executable, "-m", "chatglm3", command, "--prompt", "hi"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1, out.stderr
+        assert "Retrying" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+        [line] = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+        assert "did not answer" in line and "Connection refused" in line
+        errors.append(line)
+    assert errors[0] == errors[1]
