@@ -448,7 +448,7 @@ def test_scripts_run_says_when_it_installs(tmp_path: Path) -> None:
 
     first = run()
     assert first.returncode == 0, first.stderr
-    assert first.stderr.startswith("first run: ") and "(~1 min)" in first.stderr
+    assert first.stderr.startswith("first run: ") and "(2-3 min; log: " in first.stderr
     assert "pip progress would be here" in first.stderr  # the installer's output: on stderr
     assert first.stdout.startswith("usage: python -m chatglm3 encode")
     again = run()
@@ -456,6 +456,48 @@ def test_scripts_run_says_when_it_installs(tmp_path: Path) -> None:
     (root / "requirements.txt").write_text("torch\nnumpy\n")
     changed = run()
     assert changed.stderr.startswith("the pinned packages changed: updating .venv")
+
+
+FAKE_PYTHON = """#!/bin/sh
+# Stands in for .venv's python: pages of output, as pip prints; fails on demand.
+i=0; while [ $i -lt 200 ]; do echo "pip says $i"; i=$((i+1)); done
+case "$*" in *" -r "*) [ -n "$FAIL_PIP" ] && { echo "ERROR: no matching distribution"; exit 1; } ;; esac
+exit 0
+"""
+
+
+def test_an_install_is_one_line_per_step_with_pip_in_a_log(tmp_path: Path) -> None:
+    """scripts/venv under scripts/run: each step one line (what, then done and its time); pip's
+    pages only in the log, whose end is shown (and its path named) when a step fails."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "venv", root / "scripts" / "venv")
+    (root / "requirements.txt").write_text("torch\n")
+    (root / ".venv" / "bin").mkdir(parents=True)
+    fake = root / ".venv" / "bin" / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    log = tmp_path / "install.log"
+
+    def venv(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(root / "scripts" / "venv"), str(root / "requirements.txt")],
+                              env={**_run_env(), "CHATGLM3_INSTALL_LOG": str(log), **env},
+                              capture_output=True, text=True, timeout=60)
+
+    ok = venv()
+    assert ok.returncode == 0, ok.stderr
+    assert [re.sub(r"\(\d+ s\)", "(N s)", line) for line in ok.stderr.splitlines()] == [
+        "torch (the build for this machine) ... done (N s)",
+        "the pinned packages of requirements.txt ... done (N s)",
+        "chatglm3 itself (editable) ... done (N s)"]
+    assert "pip says" not in ok.stderr + ok.stdout and log.read_text().count("pip says 199") == 3
+    (root / ".venv" / ".installed-requirements.txt").unlink()
+    failed = venv(FAIL_PIP="1")
+    assert failed.returncode != 0
+    assert f"the pinned packages of requirements.txt ... failed; the end of its output (all of " \
+           f"it: {log}):" in failed.stderr
+    assert failed.stderr.rstrip().endswith("ERROR: no matching distribution")
+    assert "pip says 100" not in failed.stderr  # the end of the log, not its pages
 
 
 def test_pip_install_editable_then_import_from_anywhere(tmp_path: Path) -> None:
