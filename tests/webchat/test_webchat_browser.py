@@ -257,6 +257,28 @@ def test_an_answer_streams_in_pieces_and_equals_the_apis(driver, server) -> None
     assert re.search(r"first token \d+\.\d\d s · \d+\.\d tokens/s", stats), stats
     assert not by_id(d, "error").is_displayed()
     screenshot(d, "webchat.png")
+    # The answer's Copy button puts its Markdown source on the clipboard.
+    d.execute_cdp_cmd("Browser.grantPermissions", {
+        "origin": server.url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]})
+    button = node.find_element("css selector", ".stats button.copy")
+    button.click()
+    wait(d, lambda: button.text == "Copied", message=button.text)
+    pasted = d.execute_async_script(
+        "const done = arguments[0]; navigator.clipboard.readText().then(done, e => done('' + e))")
+    assert pasted == text
+
+
+def test_the_empty_page_says_what_to_do(driver, server) -> None:
+    d = driver
+    open_page(d, server)
+    hint = "return getComputedStyle(document.getElementById('messages'), '::before').content"
+    assert "Write a message below" in d.execute_script(hint)
+    set_controls(d, temperature=0, max_tokens=4)
+    send(d, "hi")
+    finished(d, 1)
+    assert d.execute_script(hint) == "none"  # gone once there is a conversation
+    by_id(d, "new-chat").click()
+    wait(d, lambda: "Write a message below" in d.execute_script(hint))
 
 
 def test_history_system_prompt_regenerate_and_new_chat(driver, server) -> None:
@@ -304,6 +326,11 @@ def test_stop_cancels_the_generation_on_the_server(driver, server) -> None:
     assert s["decoded_tokens"] - before["decoded_tokens"] < 2000  # not run to 20,000 tokens
     assert s["recent"][-1]["finish"] == "cancelled"
     assert "stopped" in node.find_element("css selector", ".stats").text
+    # its counts come from the page (the stream ended before its usage chunk): /tokenize
+    wait(d, lambda: re.search(r"\d+ prompt tokens · \d+ answer tokens · first token "
+                              r"\d+\.\d\d s · \d+\.\d tokens/s · stopped",
+                              node.find_element("css selector", ".stats").text),
+         message="a stopped answer's counts")
     shown = raw(d, node)
     assert shown and by_id(d, "send").is_displayed() and not by_id(d, "stop").is_displayed()
     assert s["recent"][-1]["completion_tokens"] < 2000

@@ -199,6 +199,7 @@ async function answer(fresh) {
   let failure = null;
   let started = false;
   let complete = false;  // the stream's [DONE] came
+  const clock = { start: performance.now(), first: 0, last: 0 };  // a stopped answer's timing
   try {
     const headers = { "Content-Type": "application/json" };
     if (state.key) headers.Authorization = "Bearer " + state.key;
@@ -222,7 +223,11 @@ async function answer(fresh) {
           const chunk = JSON.parse(data);
           if (chunk.error) { failure = describe(500, chunk.error); break read; }
           const choice = chunk.choices?.[0];
-          if (choice?.delta?.content) text += choice.delta.content;
+          if (choice?.delta?.content) {
+            text += choice.delta.content;
+            clock.last = performance.now();
+            clock.first ||= clock.last;
+          }
           if (choice?.finish_reason) finish = choice.finish_reason;
           if (chunk.usage) usage = chunk.usage;
           if (chunk.timings) timing = chunk.timings[0];
@@ -260,13 +265,54 @@ async function answer(fresh) {
     state.history.push({ role: "assistant", content: text, node });
     const stats = document.createElement("div");
     stats.className = "stats";
-    stats.textContent = statsLine(usage, timing, finish, stopped, !!failure) ||
-      "no statistics";
+    const line = document.createElement("span");
+    line.textContent = statsLine(usage, timing, finish, stopped, !!failure) || "no statistics";
+    stats.append(line, copyButton(() => node.answerText));
     node.appendChild(stats);
+    // Stopped, the stream ended before its usage chunk: the page counts the tokens itself.
+    if (stopped && !failure && text) countStopped(line, body, text, clock);
   }
   if (failure) showError(failure);
   setBusy(false);
   scrollDown();
+}
+
+// A button that copies text() (the answer's Markdown source) to the clipboard.
+function copyButton(text) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "copy";
+  button.textContent = "Copy";
+  button.title = "Copy the answer";
+  button.addEventListener("click", () => {
+    navigator.clipboard.writeText(text()).then(() => { button.textContent = "Copied"; },
+                                               () => { button.textContent = "Copy failed"; });
+  });
+  return button;
+}
+
+async function tokenCount(body) {
+  const headers = { "Content-Type": "application/json" };
+  if (state.key) headers.Authorization = "Bearer " + state.key;
+  const response = await fetch("/tokenize", { method: "POST", headers, body: JSON.stringify(body) });
+  if (!response.ok) throw new Error("tokenize: " + response.status);
+  return (await response.json()).count;
+}
+
+// A stopped answer's statistics: the prompt's and the shown answer's token counts (this
+// server's /tokenize), the time to its first text and its pace as the page saw them.
+async function countStopped(line, body, text, clock) {
+  try {
+    const [prompt, answer] = await Promise.all([
+      tokenCount({ messages: body.messages }),
+      tokenCount({ prompt: text, add_special_tokens: false })]);
+    const span = (clock.last - clock.first) / 1000;
+    const timing = clock.first ? {
+      time_to_first_token: (clock.first - clock.start) / 1000,
+      tokens_per_second: answer > 1 && span > 0 ? (answer - 1) / span : 0 } : null;
+    line.textContent = statsLine({ prompt_tokens: prompt, completion_tokens: answer }, timing,
+                                 null, true, false);
+  } catch { /* the plain "stopped" stays */ }
 }
 
 function undoSend() {
