@@ -9,6 +9,13 @@ is tar_download.py's.
 Across runs, a tar URL resumes at the byte it had. Hub files already complete are kept; a
 partial one starts again (huggingface_hub 2.4 never reuses a partial file), and those a stopped
 run left are deleted by the next one.
+
+Why a loop of hf_hub_download and not snapshot_download (which lists and fetches the same
+files with allow_patterns and max_workers): in huggingface_hub 2.4 it retries no HTTP 5xx on a
+download (one 503 of a 2 GB shard fails the whole snapshot; tests/weights/test_download.py has
+the 5xx cases), its progress is a bar per file rather than one for the 12.5 GB, and Ctrl-C
+cannot stop its worker threads between files (transfer.run_all checks a stop event, and the
+finished shards stay: test_hub_ctrl_c_keeps_finished_files).
 """
 
 from __future__ import annotations
