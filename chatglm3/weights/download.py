@@ -11,11 +11,12 @@ partial one starts again (huggingface_hub 2.4 never reuses a partial file), and 
 run left are deleted by the next one.
 
 Why a loop of hf_hub_download and not snapshot_download (which lists and fetches the same
-files with allow_patterns and max_workers): in huggingface_hub 2.4 it retries no HTTP 5xx on a
-download (one 503 of a 2 GB shard fails the whole snapshot; tests/weights/test_download.py has
-the 5xx cases), its progress is a bar per file rather than one for the 12.5 GB, and Ctrl-C
-cannot stop its worker threads between files (transfer.run_all checks a stop event, and the
-finished shards stay: test_hub_ctrl_c_keeps_finished_files).
+files with allow_patterns and max_workers, and sums their bytes in one bar): in
+huggingface_hub 2.4 neither retries an HTTP 5xx on a download GET, and inside snapshot_download
+a retry could only be of the whole snapshot, from its listing; its thread pool cannot be told
+to stop (transfer.run_all's workers check a stop event, so Ctrl-C ends a run at once with the
+finished shards kept: tests/weights/test_download_resume.py); and away from a terminal the
+progress here is one plain line per step, which tests check.
 """
 
 from __future__ import annotations
