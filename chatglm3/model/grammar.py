@@ -22,7 +22,6 @@ naming `structured` before anything is queued. Grammars are cached by their text
 from __future__ import annotations
 
 import functools
-import json
 import re
 import threading
 
@@ -86,15 +85,13 @@ class Grammars:
         import llguidance
 
         grammar = _grammar(structured.kind, structured.spec, structured.choices)
-        limits = llguidance.LLParserLimits(**_LIMITS)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._llg(), limits=limits)
-        if error and not error.startswith("WARNING"):
-            raise InputError(f"structured: the {structured.kind} cannot be compiled: "
-                             f"{error.strip().splitlines()[0]}", "structured")
-        matcher = llguidance.LLMatcher(self._llg(), grammar, log_level=0, limits=limits)
+        # Compiled once, here: a grammar it cannot take leaves the matcher in an error state
+        # (the message validate_grammar would give, without compiling it a second time).
+        matcher = llguidance.LLMatcher(self._llg(), grammar, log_level=0,
+                                       limits=llguidance.LLParserLimits(**_LIMITS))
         if matcher.is_error():
-            raise InputError(f"structured: {matcher.get_error().strip().splitlines()[0]}",
-                             "structured")
+            raise InputError(f"structured: the {structured.kind} cannot be compiled: "
+                             f"{matcher.get_error().strip().splitlines()[0]}", "structured")
         return Constraint(matcher, self.tokenizer.vocab_size)
 
 
@@ -136,7 +133,3 @@ class Constraint:
     def complete(self) -> bool:
         return self.matcher.is_stopped() or self.matcher.is_accepting()
 
-
-def schema_text(schema: object) -> str:
-    """A schema as the JSON text `Structured` holds."""
-    return schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
