@@ -23,6 +23,7 @@ from cog import BaseRunner, CancelationException, ConcatenateIterator, Input
 from chatglm3 import coglet_cancel
 from chatglm3.engine import Generation
 from chatglm3.text.messages import build_messages, parse_stop_sequences
+from chatglm3.errors import InputError
 from chatglm3.params import SamplingParams, Structured
 from chatglm3.settings import Settings
 from chatglm3.startup import start_engine
@@ -109,10 +110,9 @@ class Predictor(BaseRunner):
                 build_messages(prompt, system_prompt or None, history or None), params))
             gen = self.engine.submit(request)
         except ValueError as e:  # HistoryError, SettingsError, PromptTooLong: say what and why
-            message = str(e)  # the engine calls the constraint `structured`; here it is:
-            if message.startswith("structured: "):
-                message = "json_schema: " + message[len("structured: "):]
-            raise ValueError(message) from None
+            # the engine calls the constraint `structured`; here it is the json_schema input
+            raise ValueError(e.renamed({"structured": "json_schema"})
+                             if isinstance(e, InputError) else str(e)) from None
 
         r = gen.result
         self.record_metric("input_token_count", r.input_token_count)

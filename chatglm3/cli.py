@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .cli_args import build_parser, constraint_flag, sampling_params
-from .errors import SetupError
+from .errors import InputError, SetupError
 from .text.messages import build_messages
 from .settings import Settings
 from .text.tokenizer import ChatGLMTokenizer, Message
@@ -34,9 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, (ValueError, OSError, SetupError)):  # input, machine, weights
             raise
-        message = str(e)
-        if getattr(e, "field", None) == "structured":  # the engine's name for the flag's
-            message = message.replace("structured: ", f"{constraint_flag(args)}: ", 1)
+        # the constraint is the engine's `structured`, here the flag that set it
+        message = (e.renamed({"structured": constraint_flag(args)})
+                   if isinstance(e, InputError) else str(e))
         print(f"error: {message}", file=sys.stderr)
         return 1
 

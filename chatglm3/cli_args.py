@@ -127,12 +127,8 @@ def structured(args: argparse.Namespace) -> Structured | None:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The parsed sampling flags as checked SamplingParams (SettingsError names bad ones):
     before the model loads, so a typo costs no 12 GB load."""
-    try:
-        return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli},
-                              stop=args.stop, structured=structured(args))
-    except SettingsError as e:  # the CLI's names for the constraint
-        raise SettingsError([(f, m.replace("structured: ", constraint_flag(args) + ": ", 1))
-                             for f, m in e.problems]) from None
+    return SamplingParams(**{f.name: getattr(args, f.name) for f in FIELDS if f.cli},
+                          stop=args.stop, structured=structured(args))
 
 
 def constraint_flag(args: argparse.Namespace) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 
 class PromptTooLong(ValueError):
     """The prompt does not fit the context window; carries both counts. `chars` set: the
@@ -50,6 +52,12 @@ class InputError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+    def renamed(self, names: Mapping[str, str]) -> str:
+        """The message with its field called by `names` (a door's spelling: the engine's
+        `structured` is the API's response_format, Cog's json_schema, the CLI's --regex)."""
+        f, message = self.field, str(self)
+        return names[f] + message[len(f):] if f in names and message.startswith(f) else message
 
 
 class HistoryError(InputError):

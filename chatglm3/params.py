@@ -204,7 +204,7 @@ class SettingsError(InputError):
         super().__init__("; ".join(message for _, message in problems), self.fields[0])
 
     def renamed(self, names: Mapping[str, str]) -> str:
-        """The message with each bad field called by `names` (an API's spelling)."""
+        """The message with each bad field called by `names` (a door's spelling)."""
         return "; ".join(names[f] + m[len(f):] if f in names and m.startswith(f) else m
                          for f, m in self.problems)
 

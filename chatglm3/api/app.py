@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import webchat
-from ..errors import PromptTooLong, RequestTooLarge
+from ..errors import InputError, PromptTooLong, RequestTooLarge
 from ..engine.output import Generation, GenerationResult
 from ..engine.scheduler import Request as EngineRequest
 from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest,
@@ -274,10 +274,8 @@ class Api:
             raise bad(str(e), "max_tokens", "context_length_exceeded") from None
         except ValueError as e:
             ours = getattr(e, "field", None) or str(e).split(":")[0].split("[")[0] or None
-            api, message = names.get(ours, ours), str(e)
-            if api != ours and message.startswith(f"{ours}:"):
-                message = api + message[len(ours):]
-            raise bad(message, api) from None
+            message = e.renamed(names) if isinstance(e, InputError) else str(e)
+            raise bad(message, names.get(ours, ours)) from None
 
     # ---- chat completions ----
 
