@@ -153,6 +153,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     engine = load_engine(args)
+    # What the settings themselves get wrong (a --regex that does not compile) ends the chat
+    # now, in one line, instead of answering every message with it.
+    engine.prepare_messages([Message("user", "hi")], params)
     history: list[Message] = []
     print("ChatGLM3-6B-32K. Type to chat; 'clear' starts over, 'stop' quits.", flush=True)
     while True:

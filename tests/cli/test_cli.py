@@ -178,3 +178,8 @@ def test_structured_output_flags(tmp_path) -> None:
                           "error: --json-schema: cannot read")):
         out = cli("generate", *TINY, "--prompt", "hi", *flags)
         assert out.returncode == 1 and words in out.stderr, out.stderr
+    # chat checks it once, before the first message, rather than answering each with it
+    out = cli("chat", *TINY, "--regex", "[a-", stdin="hello\nhello\n")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "error: --regex: the regex cannot be compiled" in out.stderr
+    assert "User:" not in out.stdout and "clear" not in out.stderr
