@@ -44,6 +44,13 @@ function askForKey(note) {
   setBusy(false);
 }
 
+// The headers of a call to this server's API: JSON, and the key when there is one.
+function apiHeaders() {
+  const headers = { "Content-Type": "application/json" };
+  if (state.key) headers.Authorization = "Bearer " + state.key;
+  return headers;
+}
+
 // One message's element: a role label, the body, and (assistant) a line of statistics.
 function bubble(role) {
   const node = document.createElement("article");
@@ -201,10 +208,9 @@ async function answer(fresh) {
   let complete = false;  // the stream's [DONE] came
   const clock = { start: performance.now(), first: 0, last: 0 };  // a stopped answer's timing
   try {
-    const headers = { "Content-Type": "application/json" };
-    if (state.key) headers.Authorization = "Bearer " + state.key;
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers, body: JSON.stringify(body), signal: controller.signal,
+      method: "POST", headers: apiHeaders(), body: JSON.stringify(body),
+      signal: controller.signal,
     });
     if (!response.ok) {
       let error = null;
@@ -292,9 +298,8 @@ function copyButton(text) {
 }
 
 async function tokenCount(body) {
-  const headers = { "Content-Type": "application/json" };
-  if (state.key) headers.Authorization = "Bearer " + state.key;
-  const response = await fetch("/tokenize", { method: "POST", headers, body: JSON.stringify(body) });
+  const response = await fetch("/tokenize", {
+    method: "POST", headers: apiHeaders(), body: JSON.stringify(body) });
   if (!response.ok) throw new Error("tokenize: " + response.status);
   return (await response.json()).count;
 }
