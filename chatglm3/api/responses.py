@@ -86,25 +86,29 @@ class LogprobWriter:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def echoed(self, ids: Sequence[int], entries: Sequence[TokenLogprob | None], top: int,
-               then: dict | None = None) -> dict:
-        """choices[].logprobs of an echoed prompt (`ids`, scored by `entries`, `top`
-        alternatives each), then `then` (the generated tokens' layout, its offsets already
-        past the echo). Each token's text is what it adds to the prompt's decoded text (the
-        detokenizer's delta: a character split over byte pieces shows at its last one), so
-        the tokens spell the echoed text exactly and offsets count from its start. A token
-        with nothing before it has a null log-probability and alternatives (OpenAI's first)."""
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token's text as it adds to the decoded text of `ids` (the detokenizer's delta:
+        a character split over byte pieces shows at its last one): they join to decode(ids)."""
         detok = IncrementalDetokenizer(self.tokenizer)
         texts = [detok.push(i) for i in ids]
         if texts:
             texts[-1] += detok.flush()
+        return texts
+
+    def echoed(self, texts: Sequence[str], entries: Sequence[TokenLogprob | None], top: int,
+               then: dict | None = None) -> dict:
+        """choices[].logprobs of an echoed prompt (its tokens' `pieces`, scored by `entries`,
+        `top` alternatives each), then `then` (the generated tokens' layout, its offsets
+        already past the echo). The tokens spell the echoed text exactly and offsets count
+        from its start. A token with nothing before it has a null log-probability and
+        alternatives (OpenAI's first)."""
         lps, tops, offsets, offset = [], [], [], 0
         for text, e in zip(texts, entries):
             lps.append(None if e is None else e.logprob)
             tops.append(None if e is None else {self._token(t)[0]: lp for t, lp in e.top[:top]})
             offsets.append(offset)
             offset += len(text)
-        out = {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops,
+        out = {"tokens": list(texts), "token_logprobs": lps, "top_logprobs": tops,
                "text_offset": offsets}
         return out if then is None else {k: out[k] + then[k] for k in out}
 
@@ -136,14 +140,18 @@ class Echo:
                  echo: bool, top: int | None) -> None:
         self.writer, self.prompts, self.per, self.top = writer, prompts, per, top
         decode = writer.tokenizer.decode
-        self.texts = [(p if isinstance(p, str) else decode(p)) if echo else ""
-                      for p in prompts for _ in range(per)]
+        texts = [(p if isinstance(p, str) else decode(p)) if echo else "" for p in prompts]
+        self.texts = [t for t in texts for _ in range(per)]  # per choice
+        self._pieces: dict[int, list[str]] = {}  # per prompt: its n choices share them
 
     def logprobs(self, choice: int, r: GenerationResult, then: dict | None = None) -> dict:
         """The choice's logprobs: its echoed prompt's (if echoed), then `then`."""
         if not self.texts[choice]:
             return then
+        prompt = choice // self.per
         skip = (len(self.writer.tokenizer.prefix_ids)
-                if isinstance(self.prompts[choice // self.per], str) else 0)
-        return self.writer.echoed(r.input_ids[skip:], r.prompt_logprobs[skip:], self.top or 0,
-                                  then)
+                if isinstance(self.prompts[prompt], str) else 0)
+        if prompt not in self._pieces:
+            self._pieces[prompt] = self.writer.pieces(r.input_ids[skip:])
+        return self.writer.echoed(self._pieces[prompt], r.prompt_logprobs[skip:],
+                                  self.top or 0, then)
