@@ -128,7 +128,7 @@ def check_source(source: str | os.PathLike | None, *, knob: str = "--weights") -
     repo id nor a URL (a mistyped path): no network, and no torch imported yet by the caller."""
     text = os.fspath(source) if source is not None else ""
     if (not text or re.match(r"https?:/+", text) or Path(text).expanduser().exists()
-            or (not _looks_like_path(text) and _REPO_ID.fullmatch(text.partition("@")[0]))):
+            or _is_repo_id(text)):
         return
     resolve_weights(text, knob=knob, progress=False)  # raises before any lookup
 
@@ -156,7 +156,7 @@ def resolve_tokenizer(source: str | os.PathLike | None = None, *, dest: Path | N
             return dest
         repo = DEFAULT_REPO
         rev = revision or os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION
-    elif not local.exists() and not _looks_like_path(text) and _REPO_ID.fullmatch(text.partition("@")[0]):
+    elif not local.exists() and _is_repo_id(text):
         repo, _, at_rev = text.partition("@")
         rev = at_rev or revision or ((os.environ.get("CHATGLM3_REVISION") or DEFAULT_REVISION)
                                      if repo == DEFAULT_REPO else "main")
@@ -183,6 +183,11 @@ def resolve_tokenizer(source: str | os.PathLike | None = None, *, dest: Path | N
         steps = _next_steps(getattr(e, "kind", "network"), knob, dest, local)
         raise WeightsError(f"{e}; {steps}") from e.__cause__
     return dest
+
+
+def _is_repo_id(text: str) -> bool:
+    """"owner/name[@revision]" that cannot be a path: looked up on the hub."""
+    return not _looks_like_path(text) and bool(_REPO_ID.fullmatch(text.partition("@")[0]))
 
 
 def _looks_like_path(text: str) -> bool:
