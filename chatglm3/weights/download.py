@@ -8,7 +8,7 @@ is tar_download.py's.
 
 Across runs, a tar URL resumes at the byte it had. Hub files already complete are kept; a
 partial one starts again (huggingface_hub 2.4 never reuses a partial file), and those a stopped
-run left are deleted by the next one.
+run left are deleted by the next one. Two processes fetching into one folder take turns.
 
 Why a loop of hf_hub_download and not snapshot_download (which lists and fetches the same
 files with allow_patterns and max_workers, and sums their bytes in one bar): in
@@ -21,15 +21,15 @@ progress here is one plain line per step, which tests check.
 
 from __future__ import annotations
 
-import base64
 import fnmatch
-import hashlib
 import json
 import os
 import re
 import threading
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, constants, hf_hub_download
@@ -272,6 +272,17 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
             return dest.resolve()
         raise _err(f"{what}: offline (HF_HUB_OFFLINE is set) and no complete local copy: "
                    f"{describe(dest, found)}", "offline")
+    dest.mkdir(parents=True, exist_ok=True)
+    with _one_fetch_at_a_time(dest, progress):
+        source, sizes = _read_mark(dest)
+        if source == what and not problems(dest, sizes):  # the process we waited for fetched it
+            return dest.resolve()
+        return _fetch_from_hub(repo, revision, dest, progress, note)
+
+
+def _fetch_from_hub(repo: str, revision: str, dest: Path, progress: bool, note: str) -> Path:
+    """Lists `repo@revision`, fetches what `dest` lacks, marks `dest` complete. Called alone."""
+    what = f"{repo}@{revision}"
     say(progress, f"{note}looking up {what} on the hub at {constants.ENDPOINT}")
     info = _lookup(repo, revision, what)
     sizes = {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in info.siblings or []}
@@ -283,8 +294,8 @@ def _from_hub(repo: str, revision: str, dest: Path, progress: bool, *, trust_loc
             n.endswith((".bin", ".safetensors")) for n in sizes):
         raise _err(f"{what}: not a ChatGLM3 checkpoint repo (has {sorted(sizes) or 'none'} "
                    "of config.json, tokenizer.model and weight files)", "source")
-    dest.mkdir(parents=True, exist_ok=True)
-    _drop_dead_partials(dest)
+    for part in (dest / ".cache" / "huggingface" / "download").rglob("*.incomplete"):
+        part.unlink(missing_ok=True)  # hub lacks: a partial is never reused; no one else writes here
     for name, size in sizes.items():  # hub lacks: a file it wrote for this commit is not checked again
         if (f := dest / name).is_file() and f.stat().st_size != size:
             f.unlink()
@@ -358,21 +369,23 @@ def _failure(e: BaseException, what: str, where: str) -> WeightsError:
     return WeightsError(f"{what}: {where}: {why}")
 
 
-def _drop_dead_partials(dest: Path) -> None:
-    """Deletes the partial files of hub downloads that no process is writing any more.
+@contextmanager
+def _one_fetch_at_a_time(dest: Path, progress: bool) -> Iterator[None]:
+    """Holds `dest`'s fetch lock: a second process fetching into the same folder (a Cog server and
+    a CLI started together) waits for the first, then finds the checkpoint there.
 
-    hub lacks: huggingface_hub 2.4 writes each file into a `<hash>.<etag>.<random>.incomplete`
-    of its own, never reused, and a killed run leaves it behind. It writes only while it holds
-    that file's `<name>.lock`, so a partial whose lock is free, or absent, is dead.
+    hub lacks: huggingface_hub 2.4 writes each file into an `.incomplete` partial of its own,
+    never reused, that a killed run leaves behind. Under this lock no one else fetches into
+    `dest`, so every partial there is dead and is deleted before fetching.
     """
-    for folder in {p.parent for p in (dest / ".cache" / "huggingface" / "download").rglob("*.incomplete")}:
-        locks = {base64.urlsafe_b64encode(hashlib.sha1(f"{lock.name[:-5]}.metadata".encode()).digest())
-                 .decode(): lock for lock in folder.glob("*.lock")}  # <hash>, as the hub makes it
-        for part in folder.glob("*.incomplete"):
-            try:
-                if lock := locks.get(part.name.split(".", 1)[0]):
-                    with FileLock(lock, blocking=False, preserve_lock_file=True):
-                        pass  # free: whoever wrote the partial is gone (else Timeout)
-                part.unlink()
-            except (Timeout, OSError):
-                pass
+    lock = FileLock(dest / ".cache" / "chatglm3-fetch.lock")
+    (dest / ".cache").mkdir(exist_ok=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(progress, f"Another process is fetching into {dest}: waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

@@ -6,12 +6,13 @@ import io
 import json
 import socket
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
 import torch
-from filelock import FileLock
 from huggingface_hub._local_folder import get_local_download_paths
 from safetensors.torch import load_file, save_file
 
@@ -194,32 +195,38 @@ def test_truncated_file_is_named_and_the_next_run_fetches_it_again(hub, tmp_path
     assert [r.path.rsplit("/", 1)[-1] for r in hub.seen("GET", ".bin")] == [SHARD2]
 
 
-def _hub_partial(dest: Path, name: str) -> tuple[Path, Path]:
-    """(a partial file as huggingface_hub 2.4 names it while fetching `name`, the lock it holds)."""
-    paths = get_local_download_paths(dest, name)
-    partial = paths.incomplete_path("e" * 64)
-    return partial.with_name(f"{partial.stem}.0123abcd.incomplete"), paths.lock_path
-
-
 def test_local_truncation_is_repaired_from_the_hub(hub, tmp_path):
     dest = tmp_path / "w"
     resolve_weights("test/tiny", dest=dest, progress=False)
     with open(dest / SHARD1, "r+b") as f:
         f.truncate(1000)
-    # What killed runs leave: partials whose lock is free or gone; and one a live run is writing
-    # (a file this repo does not have: one of the same file would make us wait for its lock).
-    dead, _ = _hub_partial(dest, SHARD1)
-    orphan = dead.with_name("no-such-file-hash.e.0123abcd.incomplete")
-    live, live_lock = _hub_partial(dest, "other.bin")
-    for p in (dead, orphan, live):
+    # What killed runs leave: partials in the hub's download folder, never reused by it.
+    partials = [get_local_download_paths(dest, name).incomplete_path("e" * 64) for name in (SHARD1, "other.bin")]
+    for p in partials:
         p.write_bytes(b"x" * 100)
     hub.reset()
-    with FileLock(live_lock):  # another process's hf_hub_download, in the middle of its file
-        assert_same_files(resolve_weights("test/tiny", dest=dest, progress=False), TINY_CKPT)
-        assert live.exists()
+    assert_same_files(resolve_weights("test/tiny", dest=dest, progress=False), TINY_CKPT)
     assert len(hub.seen("GET", SHARD1)) == 1
     assert not hub.seen("GET", SHARD2)
-    assert sorted(dest.rglob("*.incomplete")) == [live]
+    assert not list(dest.rglob("*.incomplete"))
+
+
+def test_a_second_fetch_into_the_same_folder_waits_for_the_first(hub, tmp_path, capsys):
+    """Two processes started together (a Cog server and a CLI) share one download, and neither
+    deletes the partial files the other is writing."""
+    hub.faults.append(Fault("slow", SHARD2, times=-1, rate=16 << 20))
+    dest, got = tmp_path / "w", {}
+    first = threading.Thread(target=lambda: got.update(a=resolve_weights("test/tiny", dest=dest, progress=False)))
+    first.start()
+    while not hub.seen("GET", SHARD2) and first.is_alive():
+        time.sleep(0.01)
+    second = resolve_weights("test/tiny", dest=dest)
+    first.join()
+    assert f"Another process is fetching into {dest}: waiting for it" in capsys.readouterr().err
+    assert got["a"] == second
+    assert_same_files(second, TINY_CKPT)
+    assert len(hub.seen("GET", SHARD2)) == 1  # fetched once, by the first
+    assert len(hub.seen("GET", "/api/models/test/tiny/revision")) == 2  # the second asks after waiting
 
 
 @pytest.mark.parametrize("source,message", [
