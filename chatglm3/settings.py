@@ -21,7 +21,7 @@ DECODE_STEPS = ("auto", "eager", "graphs")
 QUANTIZE_MODES = ("none", "int8", "int4")  # quantize.MODES, spelled out: no torch import here
 DEFAULT_MAX_BATCH = 8
 PREFILL_CHUNK = 2048  # prompt tokens per forward pass: bounds activation memory, allows cancel
-# Prompt tokens per step while other requests decode (scheduler.py; README "Scheduling"): a
+# Prompt tokens per step while other requests decode (scheduler.py; docs/benchmarks.md "Scheduling"): a
 # running stream waits for at most this many prompt tokens between two of its tokens, a quarter
 # of a whole chunk; a PREFILL_BUCKETS length, so no chunk is padded.
 PREFILL_BUDGET = 512

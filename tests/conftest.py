@@ -52,7 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if os.environ.get("CI") == "true":
         raise pytest.UsageError(f"{SHARED} is missing: CI must run with the shared test data")
     skip = pytest.mark.skip(reason=f"needs the test data folder {SHARED} (real tokenizer, tiny "
-                                   "checkpoint, official outputs); see README")
+                                   "checkpoint, official outputs); see docs/testing.md")
     for item in items:
         if item.get_closest_marker("shared"):
             item.add_marker(skip)

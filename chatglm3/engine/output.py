@@ -8,7 +8,7 @@ the logits: sampling.RequestSampling.adjust holds stop tokens back until that ma
 
 Where it runs: on the engine's step thread, right after each decoding step, for every row.
 Why not off it (vLLM's frontend process): its share of a step is small next to the step
-itself (bench/output_share.py: see the README's "How it works" for the measured share), and a
+itself (bench/output_share.py; the measured share is in docs/benchmarks.md), and a
 separate thread would need a hand-off per token and still the GIL; running it inline keeps a
 request's stop decision in the same step that sampled the token, so a stopped request never
 runs one step more.

@@ -8,7 +8,7 @@ Rules:
   request's worst case, so no request could start sooner by overtaking, and none is passed over).
 - Each step prefills at most `prefill_budget` prompt tokens while requests decode (vLLM's
   chunked-prefill token budget): a running stream then waits at most one such chunk for its
-  next token, not a whole PREFILL_CHUNK (README: "Scheduling" has the measurement). With none
+  next token, not a whole PREFILL_CHUNK (docs/benchmarks.md, "Scheduling", has the measurement). With none
   decoding, a step takes up to `prefill_chunk`.
 - `pack` (the model runner can run several prompts' chunks and the decoding rows in one forward
   pass: model_runner.ModelRunner.packs): the budget counts the decoding tokens too (a pass of

@@ -68,7 +68,7 @@ class _QuantLinear(torch.nn.Module):
     kind: str
     row_align = 1  # widened blocks start at multiples of this many rows
     # bf16 calls of up to this many rows take the kernel where bf16 matmuls are native: the
-    # crossover measured on a 27,392 x 4,096 layer (bench/quantize.py kernels, README)
+    # crossover measured on a 27,392 x 4,096 layer (bench/quantize.py kernels; docs/benchmarks.md)
     kernel_max_rows: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

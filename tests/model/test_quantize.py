@@ -169,7 +169,7 @@ def test_int4_packed_in_row_blocks_is_the_whole_packing(monkeypatch, rows: int) 
 
 # Last-position logits, relative L2 against the official fp32 ones, computing in fp32 (measured
 # 0.015 / 0.19 on these prompts; the tiny checkpoint's weights are made sharp, so every error
-# shows: a real-width random checkpoint gives 0.006 / 0.05, README). Bounds: ~1.5x measured.
+# shows: a real-width random checkpoint gives 0.006 / 0.05, docs/benchmarks.md). Bounds: ~1.5x measured.
 TOLERANCE = {"int8": 0.025, "int4": 0.3}
 
 
