@@ -109,8 +109,8 @@ class CompletionRequest(Options):
 
 def check_model(body: dict, served: str) -> str:
     model = body.get("model")
-    if model is None:
-        raise bad("model: required (GET /v1/models lists the served model)", "model")
+    if model is None:  # OpenAI requires it; vLLM, like this server, takes the one it serves
+        return served
     if not isinstance(model, str):
         raise bad(f"model: expected a string, got {_describe(model)}", "model")
     if model != served:

@@ -47,6 +47,14 @@ def test_errors_use_the_apis_field_names() -> None:
     assert error(parse_chat, {**BASE, "model": "other"}, "m").status == 404
 
 
+def test_a_request_without_a_model_gets_the_served_one() -> None:
+    """OpenAI requires `model`; vLLM takes the model it serves, and so does this server."""
+    for parse, body in ((parse_chat, {"messages": BASE["messages"]}), (parse_completion, {"prompt": "x"})):
+        assert parse(body, "served").model == "served"
+        assert parse({**body, "model": None}, "served").model == "served"
+        assert error(parse, {**body, "model": 5}, "served").param == "model"
+
+
 @pytest.mark.parametrize("body, want", [
     ({"min_p": 0.1}, {"min_p": 0.1}), ({"min_p": 0}, {"min_p": 0.0}),
     ({"top_k": 40, "repetition_penalty": 1.1, "min_tokens": 3},

@@ -118,7 +118,7 @@ def _hostile_bodies() -> list[tuple[str, bytes, int, str]]:
         ("top_logprobs alone", body(top_logprobs=3), 400, "top_logprobs"),
         ("empty messages", body(messages=[]), 400, "messages: empty"),
         ("10,000 messages", body(messages=many), 400, "context_length_exceeded"),
-        ("model missing", json.dumps({"messages": HELLO}).encode(), 400, "model: required"),
+        ("model a number", json.dumps({"model": 5, "messages": HELLO}).encode(), 400, "model: expected a string"),
         ("huge body", b'{"model": "' + b"x" * (9 * 2**20) + b'"}', 413, "body: over the limit"),
     ]
 
