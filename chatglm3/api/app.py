@@ -282,7 +282,11 @@ class Api:
     async def chat_completions(self, request: Request):
         req: ChatRequest = await self._parsed(request, parse_chat)
         rid = new_id("chatcmpl")
-        gens = await self._start(rid, req.params, lambda: [self.engine.encode(req.messages)],
+        def ids() -> list[list[int]]:  # [:-1]: without the closing <|assistant|>
+            prompt = self.engine.encode(req.messages)
+            return [prompt if req.add_generation_prompt else prompt[:-1]]
+
+        gens = await self._start(rid, req.params, ids,
                                  {"input": "messages", "structured": req.structured_field})
         if req.stream:
             return sse(self._chat_chunks(rid, req, gens))

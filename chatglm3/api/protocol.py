@@ -99,6 +99,9 @@ class Options:
 @dataclass
 class ChatRequest(Options):
     messages: list[Message] = field(default_factory=list)
+    # vLLM's: False leaves the closing <|assistant|> out (continue_final_message: the last
+    # assistant message is continued, not answered)
+    add_generation_prompt: bool = True
 
 
 @dataclass
@@ -246,15 +249,27 @@ def parse_chat(body: dict, served: str) -> ChatRequest:
             raise bad(f"top_logprobs: must be from 0 to {MAX_LOGPROBS}, got {top}",
                       "top_logprobs")
     options = _options(body, served, int(top or 0) if want else None)
-    return ChatRequest(**vars(options), messages=parse_messages(body.get("messages")))
+    messages = parse_messages(body.get("messages"))
+    keep_going = _field(body, "continue_final_message", _boolean, "true or false", False)
+    generation_prompt = _field(body, "add_generation_prompt", _boolean, "true or false",
+                               not keep_going)
+    if keep_going and generation_prompt:
+        raise bad("continue_final_message: cannot be true with add_generation_prompt true (it "
+                  "continues the last message instead of starting an answer)",
+                  "continue_final_message")
+    if keep_going and messages[-1].role != "assistant":
+        raise bad(f"continue_final_message: the last message must be the assistant's (the text "
+                  f"to continue), got {messages[-1].role!r}", "continue_final_message")
+    return ChatRequest(**vars(options), messages=messages, add_generation_prompt=generation_prompt)
 
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def parse_messages(messages: Any) -> list[Message]:
-    """OpenAI's messages -> ours: system (or developer), user and assistant turns, the last one
-    the user's; content a string or a list of text parts."""
+    """OpenAI's messages -> ours: system (or developer), user and assistant turns; content a
+    string or a list of text parts. After a last assistant message the model answers with a
+    new assistant turn, as OpenAI and vLLM do."""
     if not isinstance(messages, list):
         raise bad("messages: required, a list of {\"role\", \"content\"} objects"
                   if messages is None else
@@ -277,8 +292,8 @@ def parse_messages(messages: Any) -> list[Message]:
         content = _content(m.get("content"), where, role)
         check_text_param(f"{where}.content", content)
         out.append(Message(ROLES[role], content))  # type: ignore[arg-type]
-    if out[-1].role != "user":  # named as sent (a developer message is a system turn here)
-        raise bad(f"messages: the last message must be the user's, got "
+    if out[-1].role == "system":  # named as sent (a developer message is a system turn here)
+        raise bad(f"messages: the last message must be the user's or the assistant's, got "
                   f"{messages[-1]['role']!r}", "messages")
     try:
         check_order(out, where="messages")

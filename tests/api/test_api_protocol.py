@@ -55,6 +55,26 @@ def test_a_request_without_a_model_gets_the_served_one() -> None:
         assert error(parse, {**body, "model": 5}, "served").param == "model"
 
 
+def test_the_last_message_may_be_the_assistants_and_continued() -> None:
+    """OpenAI and vLLM answer after a last assistant message; vLLM's continue_final_message
+    (or add_generation_prompt false) continues it instead."""
+    turns = BASE["messages"] + [{"role": "assistant", "content": "Sure, here"}]
+    assert parse_chat({**BASE, "messages": turns}, "m").add_generation_prompt
+    assert not parse_chat({**BASE, "messages": turns, "continue_final_message": True},
+                          "m").add_generation_prompt
+    assert not parse_chat({**BASE, "add_generation_prompt": False}, "m").add_generation_prompt
+    e = error(parse_chat, {**BASE, "continue_final_message": True}, "m")
+    assert e.param == "continue_final_message" and "assistant's" in e.message
+    e = error(parse_chat, {**BASE, "messages": turns, "continue_final_message": True,
+                           "add_generation_prompt": True}, "m")
+    assert e.param == "continue_final_message"
+    e = error(parse_chat, {**BASE, "messages": [{"role": "user", "content": "x"},
+                                                {"role": "system", "content": "y"}]}, "m")
+    assert e.param == "messages"
+    assert error(parse_chat, {**BASE, "continue_final_message": "yes"}, "m").param == \
+        "continue_final_message"
+
+
 @pytest.mark.parametrize("body, want", [
     ({"min_p": 0.1}, {"min_p": 0.1}), ({"min_p": 0}, {"min_p": 0.0}),
     ({"top_k": 40, "repetition_penalty": 1.1, "min_tokens": 3},

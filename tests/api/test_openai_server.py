@@ -418,3 +418,27 @@ def test_metrics_follow_the_requests(server, client) -> None:
     assert aborted.get(("vllm:request_success_total", (("finished_reason", "abort"),) + model),
                        0) == before.get(("vllm:request_success_total",
                                          (("finished_reason", "abort"),) + model), 0) + 1
+
+
+def test_after_a_last_assistant_message_it_answers_or_continues(server, client) -> None:
+    """A conversation may end with the assistant's message (OpenAI, vLLM): the model answers
+    with a new turn; vLLM's continue_final_message continues that message instead. Each equals
+    plain completion of the ids /tokenize gives for the same messages."""
+    import urllib.request
+
+    turns = CONVERSATION[:3] + [{"role": "assistant", "content": "四"}]
+
+    def completion_of(add_generation_prompt: bool) -> str:
+        req = urllib.request.Request(server.base_url.removesuffix("/v1") + "/tokenize", data=json.dumps(
+            {"messages": turns, "add_generation_prompt": add_generation_prompt}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            ids = json.loads(r.read())["tokens"]
+        return client.completions.create(model=MODEL, prompt=ids, **GREEDY).choices[0].text
+
+    answered = chat(client, turns).choices[0].message.content
+    continued = chat(client, turns, extra_body={"continue_final_message": True,
+                                                "add_generation_prompt": False})
+    assert answered == completion_of(True)
+    assert continued.choices[0].message.content == completion_of(False)
+    assert answered != continued.choices[0].message.content
