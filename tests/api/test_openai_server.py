@@ -288,7 +288,7 @@ def test_errors_raise_the_sdks_exceptions(server, client) -> None:
         chat(client, [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     with pytest.raises(openai.BadRequestError, match="last message"):
-        chat(client, CONVERSATION[:3])
+        chat(client, CONVERSATION[:2] + [{"role": "developer", "content": "then be brief"}])
     status, _, body = server.request("GET", "/v1/nothing")
     assert status == 404 and "no such route" in body["error"]["message"]
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health"):
