@@ -24,6 +24,9 @@ TCMalloc and Intel OpenMP preloaded where present, the compute threads bound to 
 
 Ours runs as `scripts/run serve` (what a user runs; it preloads TCMalloc where installed).
 
+Quantized: `--quantize int4 --vllm-weights AWQ_DIR` (bench/awq_checkpoint.py makes an AWQ int4
+copy of the checkpoint: vLLM's CPU int4 path reads only pre-quantized checkpoints).
+
 Usage: python bench/peer.py --weights DIR [--vllm-python PATH] [--rounds 2]
        [--prompts 512,2048,8192] [--decode-tokens 32] [--decode-repeats 3] [--streams 8]
        [--stream-tokens 128]
@@ -231,7 +234,8 @@ def servers(args: argparse.Namespace) -> dict[str, Server]:
                     VLLM_CPU_OMP_THREADS_BIND=f"0-{args.threads - 1}",
                     LD_PRELOAD=":".join(preload))
     vllm = Server("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
-                           "--model", str(args.weights), "--served-model-name", "m",
+                           "--model", str(args.vllm_weights or args.weights),
+                           "--served-model-name", "m",
                            "--skip-tokenizer-init", "--dtype", args.dtype,
                            "--max-num-seqs", str(args.streams), "--no-enable-prefix-caching",
                            "--port", str(vllm_port), "--host", "127.0.0.1"]
@@ -266,7 +270,8 @@ def table(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) 
     rows = ROWS[:2] + [(f"ttft_{n}", f"time to first token, {n:,} tokens (s)", "lower")
                        for n in args.prompts] + ROWS[2:]
     lines = [f"machine: {machine()}", f"rounds: {args.rounds}, dtype {args.dtype}, "
-             f"{args.threads} threads, quantize {args.quantize}", "",
+             f"{args.threads} threads, quantize {args.quantize}"
+             + (f", vLLM reads {args.vllm_weights}" if args.vllm_weights else ""), "",
              "| metric | ours (best; all) | vLLM (best; all) | ours / vLLM (best; per round) |",
              "|---|---|---|---|"]
     for key, label, better in rows:
@@ -302,6 +307,9 @@ def main() -> None:
     ap.add_argument("--quantize", default="none", help="ours: none | int8 | int4")
     ap.add_argument("--vllm-quantization", default=None,
                     help="vLLM's --quantization for its closest mode, if any")
+    ap.add_argument("--vllm-weights", type=Path, default=None,
+                    help="vLLM's checkpoint, if not --weights: e.g. an AWQ copy made by "
+                         "bench/awq_checkpoint.py, its closest mode to --quantize int4")
     ap.add_argument("--vllm-kv-gib", type=int, default=4)
     ap.add_argument("--only", choices=("ours", "vllm"), default=None)
     ap.add_argument("--log-dir", type=Path, default=ROOT / "bench" / "out")
