@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +35,8 @@ from .protocol import (DEFAULT_MODEL_NAME, MAX_BODY_BYTES, ApiError, ChatRequest
                        CompletionRequest, bad, parse_chat, parse_completion, parse_json)
 from .errors import check_api_key
 from .responses import FINISH_REASONS, Echo, LogprobWriter, new_id, now, timings, usage
-from .streams import RETRY_AFTER_SECONDS, collect, merged, sse
+from .chunks import chat_chunks, completion_chunks
+from .streams import RETRY_AFTER_SECONDS, collect, sse
 from .metrics import Metrics
 from .tokens import parse_detokenize, parse_tokenize, tokenize, tokenizer_info
 
@@ -289,44 +290,24 @@ class Api:
         gens = await self._start(rid, req.params, ids,
                                  {"input": "messages", "structured": req.structured_field})
         if req.stream:
-            return sse(self._chat_chunks(rid, req, gens))
+            return sse(chat_chunks(self.logprobs, rid, req, gens))
         results = await collect(request, gens)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text,
                                             "refusal": None},
                     "logprobs": self.logprobs.chat(r.logprobs) if req.logprobs is not None
                     else None, "finish_reason": FINISH_REASONS.get(r.stop_reason)}
                    for i, r in enumerate(results)]
+        if req.token_ids:  # vLLM's return_token_ids
+            for choice, r in zip(choices, results):
+                choice["token_ids"] = r.output_ids
         body = {"id": rid, "object": "chat.completion", "created": now(), "model": req.model,
                 "choices": choices, "usage": usage(results), "timings": timings(results)}
+        if req.token_ids:
+            body["prompt_token_ids"] = results[0].input_ids
         if req.prompt_logprobs is not None:  # vLLM's place for it: the response's (one prompt)
             body["prompt_logprobs"] = self.logprobs.prompt(results[0].prompt_logprobs,
                                                            req.prompt_logprobs)
         return JSONResponse(body)
-
-    async def _chat_chunks(self, rid: str, req: ChatRequest, gens: list[Generation]
-                           ) -> AsyncIterator[dict]:
-        created, logprobs = now(), req.logprobs is not None
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": req.model}
-        if req.include_usage:
-            base["usage"] = None
-
-        def chunk(i: int, delta: dict, entries=None, finish: str | None = None) -> dict:
-            lp = self.logprobs.chat(entries) if logprobs and entries is not None else None
-            return {**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                         "finish_reason": finish}]}
-
-        for i in range(len(gens)):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for i, delta, entries in merged(gens):
-            if delta is not None:
-                yield chunk(i, {"content": delta.text}, entries)
-            else:
-                result = gens[i].result
-                yield chunk(i, {}, entries or None, FINISH_REASONS.get(result.stop_reason))
-        if req.include_usage:
-            results = [g.result for g in gens]
-            yield {**base, "choices": [], "usage": usage(results), "timings": timings(results)}
 
     # ---- completions ----
 
@@ -344,7 +325,7 @@ class Api:
             {"input": "prompt", "structured": req.structured_field})
         echo = Echo(self.logprobs, req.prompts, len(req.params), req.echo, req.logprobs)
         if req.stream:
-            return sse(self._completion_chunks(rid, req, gens, echo))
+            return sse(completion_chunks(self.logprobs, rid, req, gens, echo))
         results = await collect(request, gens)
         choices = []
         for k, r in enumerate(results):
@@ -356,40 +337,10 @@ class Api:
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self.logprobs.prompt(r.prompt_logprobs,
                                                                  req.prompt_logprobs)
+            if req.token_ids:  # vLLM's return_token_ids
+                choice.update(prompt_token_ids=r.input_ids, token_ids=r.output_ids)
             choices.append(choice)
         return JSONResponse({"id": rid, "object": "text_completion", "created": now(),
                              "model": req.model, "choices": choices,
                              "usage": usage(results, len(req.prompts)),
                              "timings": timings(results)})
-
-    async def _completion_chunks(self, rid: str, req: CompletionRequest,
-                                 gens: list[Generation], echo: Echo) -> AsyncIterator[dict]:
-        base = {"id": rid, "object": "text_completion", "created": now(), "model": req.model}
-        offsets = [len(e) for e in echo.texts]  # where each choice's next text starts
-
-        def chunk(k: int, text: str, entries=None, finish: str | None = None) -> dict:
-            lp = None
-            if req.logprobs is not None and entries is not None:
-                lp = self.logprobs.legacy(entries, offsets[k])
-            offsets[k] += len(text)
-            return {**base, "choices": [{"index": k, "text": text, "logprobs": lp,
-                                         "finish_reason": finish}]}
-
-        # Each echo goes once its scores are in: at the choice's first token or its end.
-        unsent = [bool(e) for e in echo.texts]
-        async for k, delta, entries in merged(gens):
-            if unsent[k]:
-                unsent[k] = False
-                yield {**base, "choices": [{
-                    "index": k, "text": echo.texts[k], "finish_reason": None,
-                    "logprobs": echo.logprobs(k, gens[k].result) if req.logprobs is not None
-                    else None}]}
-            if delta is not None:
-                yield chunk(k, delta.text, entries)
-            else:
-                yield chunk(k, "", entries or None,
-                            FINISH_REASONS.get(gens[k].result.stop_reason))
-        if req.include_usage:
-            results = [g.result for g in gens]
-            yield {**base, "choices": [], "usage": usage(results, len(req.prompts)),
-                   "timings": timings(results)}

@@ -94,6 +94,7 @@ class Options:
     # prompt_logprobs field; None = not asked (echo's logprobs are another matter)
     prompt_logprobs: int | None = None
     structured_field: str = "response_format"  # where the answer's constraint came from
+    token_ids: bool = False  # vLLM's return_token_ids: the prompt's and each answer's ids
 
 
 @dataclass
@@ -170,7 +171,8 @@ def _options(body: dict, served: str, logprobs: int | None,
             raise bad(e.renamed(names), names.get(e.field, e.field)) from None
     return Options(model, params, stream, include_usage, logprobs,
                    None if asked is None else int(asked),  # (checked by SamplingParams)
-                   names["structured"])
+                   names["structured"],
+                   _field(body, "return_token_ids", _boolean, "true or false", False))
 
 
 def _token_settings(body: dict) -> dict[str, Any]:

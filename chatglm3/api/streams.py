@@ -22,16 +22,17 @@ RETRY_AFTER_SECONDS = 1
 
 
 async def merged(gens: list[Generation]) -> AsyncIterator[tuple]:
-    """output.merge with each delta's logprobs: (choice, delta, its tokens' logprobs), then
-    (choice, None, the rest of its logprobs) at its end; out of memory as a 503."""
+    """output.merge with each delta's tokens: (choice, delta, their logprobs, their ids), then
+    (choice, None, the rest of its logprobs, the rest of its ids) at its end; out of memory as
+    a 503. The logprobs are empty unless asked for."""
     seen = [0] * len(gens)
     try:
         async with aclosing(merge(gens)) as events:
             async for i, delta in events:
-                logprobs = gens[i].result.logprobs
-                end = len(logprobs) if delta is None else delta.tokens
-                entries, seen[i] = logprobs[seen[i]:end], end
-                yield i, delta, entries
+                result = gens[i].result
+                end = len(result.output_ids) if delta is None else delta.tokens
+                start, seen[i] = seen[i], end
+                yield i, delta, result.logprobs[start:end], result.output_ids[start:end]
     except OutOfMemory as e:
         raise ApiError(503, str(e), code="out_of_memory",
                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from e

@@ -73,6 +73,8 @@ def test_the_last_message_may_be_the_assistants_and_continued() -> None:
     assert e.param == "messages"
     assert error(parse_chat, {**BASE, "continue_final_message": "yes"}, "m").param == \
         "continue_final_message"
+    assert error(parse_chat, {**BASE, "return_token_ids": "yes"}, "m").param == "return_token_ids"
+    assert parse_completion({"prompt": "x", "return_token_ids": True}, "m").token_ids
 
 
 @pytest.mark.parametrize("body, want", [

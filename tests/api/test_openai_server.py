@@ -442,3 +442,44 @@ def test_after_a_last_assistant_message_it_answers_or_continues(server, client) 
     assert answered == completion_of(True)
     assert continued.choices[0].message.content == completion_of(False)
     assert answered != continued.choices[0].message.content
+
+
+def _sse_chunks(server, path: str, body: dict) -> list[dict]:
+    status, _, text = server.request("POST", path, {**body, "stream": True})
+    assert status == 200, text
+    return [json.loads(line[6:]) for line in text.splitlines()
+            if line.startswith("data: {")]
+
+
+def test_return_token_ids_gives_the_prompts_and_answers_ids(server) -> None:
+    """vLLM's return_token_ids, both routes, whole and streamed: the prompt's ids as run, and
+    each answer's ids, which spell its text and count its completion tokens; a stream's pieces
+    join to the whole answer's ids."""
+    prompt = [64790, 64792, 30910, 36474, 54591]
+    body = {"model": MODEL, "prompt": prompt, "return_token_ids": True, "n": 2, **GREEDY}
+    status, _, whole = server.request("POST", "/v1/completions", body)
+    assert status == 200, whole
+    for choice in whole["choices"]:
+        assert choice["prompt_token_ids"] == prompt
+        assert len(choice["token_ids"]) == whole["usage"]["completion_tokens"] // 2
+        _, _, text = server.request("POST", "/detokenize", {"tokens": choice["token_ids"]})
+        assert text["prompt"] == choice["text"]
+    chunks = _sse_chunks(server, "/v1/completions", body)
+    for k in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == k]
+        assert mine[0]["prompt_token_ids"] == prompt
+        assert sum((c["token_ids"] for c in mine), []) == whole["choices"][k]["token_ids"]
+
+    chat_body = {"model": MODEL, "messages": CONVERSATION, "return_token_ids": True, **GREEDY}
+    status, _, answer = server.request("POST", "/v1/chat/completions", chat_body)
+    _, _, tokenized = server.request("POST", "/tokenize", {"messages": CONVERSATION})
+    assert status == 200 and answer["prompt_token_ids"] == tokenized["tokens"]
+    ids = answer["choices"][0]["token_ids"]
+    assert len(ids) == answer["usage"]["completion_tokens"]
+    _, _, text = server.request("POST", "/detokenize", {"tokens": ids})
+    assert text["prompt"] == answer["choices"][0]["message"]["content"]
+    chunks = _sse_chunks(server, "/v1/chat/completions", chat_body)
+    assert chunks[0]["prompt_token_ids"] == tokenized["tokens"]
+    assert sum((c["choices"][0].get("token_ids", []) for c in chunks if c["choices"]), []) == ids
+    plain = server.request("POST", "/v1/completions", {**body, "return_token_ids": False})[2]
+    assert "token_ids" not in plain["choices"][0]  # only when asked
