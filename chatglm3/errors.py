@@ -56,8 +56,14 @@ class InputError(ValueError):
     def renamed(self, names: Mapping[str, str]) -> str:
         """The message with its field called by `names` (a door's spelling: the engine's
         `structured` is the API's response_format, Cog's json_schema, the CLI's --regex)."""
-        f, message = self.field, str(self)
-        return names[f] + message[len(f):] if f in names and message.startswith(f) else message
+        return rename(self.field, str(self), names)
+
+
+def rename(field: str | None, message: str, names: Mapping[str, str]) -> str:
+    """`message`, which starts with `field`'s name, with that name spelled as `names` has it."""
+    if field in names and message.startswith(field):
+        return names[field] + message[len(field):]
+    return message
 
 
 class HistoryError(InputError):

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .errors import InputError, check_text
+from .errors import InputError, check_text, rename
 
 CONTEXT = 32768  # ChatGLM3-6B-32K's context window in tokens (seq_length in its config.json)
 
@@ -205,8 +205,7 @@ class SettingsError(InputError):
 
     def renamed(self, names: Mapping[str, str]) -> str:
         """The message with each bad field called by `names` (a door's spelling)."""
-        return "; ".join(names[f] + m[len(f):] if f in names and m.startswith(f) else m
-                         for f, m in self.problems)
+        return "; ".join(rename(f, m, names) for f, m in self.problems)
 
 
 @dataclass(frozen=True)
