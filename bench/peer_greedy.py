@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -69,14 +70,14 @@ def main() -> None:
     ours_port, vllm_port = free_port(), free_port()
     ours = Server("ours", [str(ROOT / "scripts" / "run"), "serve", "--weights", str(args.weights),
                            "--port", str(ours_port), "--device", "cpu", "--dtype", "float32",
-                           "--no-web", "--model-name", "m"], {**__import__("os").environ}, {},
+                           "--no-web", "--model-name", "m"], dict(os.environ), {},
                   ours_port)
     vllm = Server("vllm", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server",
                            "--model", str(args.weights), "--served-model-name", "m",
                            "--skip-tokenizer-init", "--dtype", "float32", "--max-num-seqs", "8",
                            "--no-enable-prefix-caching", "--port", str(vllm_port),
                            "--host", "127.0.0.1"],
-                  {**__import__("os").environ, "VLLM_CPU_KVCACHE_SPACE": "2"}, {}, vllm_port)
+                  dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), {}, vllm_port)
     a = answers(ours, items, args.tokens, args.log_dir / "greedy-ours.log")
     b = answers(vllm, items, args.tokens, args.log_dir / "greedy-vllm.log")
     print(f"machine: {machine()}\ncheckpoint: {args.weights}, fp32, greedy, up to {args.tokens} "

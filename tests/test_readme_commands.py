@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def curl(command: str, port: int | str, old: str) -> tuple[int, str]:
         body, _, code = out.stdout.rpartition("\n")
         if code != "409":
             break
-        threading.Event().wait(0.02)
+        time.sleep(0.02)
     return int(code), body
 
 

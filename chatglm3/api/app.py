@@ -297,13 +297,12 @@ class Api:
                     "logprobs": self.logprobs.chat(r.logprobs) if req.logprobs is not None
                     else None, "finish_reason": FINISH_REASONS.get(r.stop_reason)}
                    for i, r in enumerate(results)]
-        if req.token_ids:  # vLLM's return_token_ids
-            for choice, r in zip(choices, results):
-                choice["token_ids"] = r.output_ids
         body = {"id": rid, "object": "chat.completion", "created": now(), "model": req.model,
                 "choices": choices, "usage": usage(results), "timings": timings(results)}
-        if req.token_ids:
+        if req.token_ids:  # vLLM's return_token_ids: the prompt's once (one prompt), each answer's
             body["prompt_token_ids"] = results[0].input_ids
+            for choice, r in zip(choices, results):
+                choice["token_ids"] = r.output_ids
         if req.prompt_logprobs is not None:  # vLLM's place for it: the response's (one prompt)
             body["prompt_logprobs"] = self.logprobs.prompt(results[0].prompt_logprobs,
                                                            req.prompt_logprobs)
